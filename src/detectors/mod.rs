@@ -1,0 +1,1 @@
+//! Detectors: independent tasks that watch one source and emit typed signals.

@@ -1,0 +1,5 @@
+//! hangwatch: a node-health watchdog for hung Docker/containerd runtimes.
+//! See ARCHITECTURE.md for the map of modules.
+
+pub mod attribution;
+pub mod detectors;
