@@ -2,4 +2,7 @@
 //! See ARCHITECTURE.md for the map of modules.
 
 pub mod attribution;
+pub mod config;
 pub mod detectors;
+pub mod heartbeat;
+pub mod signal;

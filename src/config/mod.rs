@@ -1,0 +1,649 @@
+//! Configuration: YAML, every key optional, defaults in `default.yaml` (which is also what
+//! `hangwatch config default` prints, so the documented defaults cannot drift from the code).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, printed by `hangwatch config default`.
+pub const DEFAULT_YAML: &str = include_str!("default.yaml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node_name: String,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    #[serde(with = "humantime_serde")]
+    pub evaluate_interval: Duration,
+    pub probes: ProbeConfig,
+    pub docker: DockerConfig,
+    pub containerd: ContainerdConfig,
+    pub kernel_log: KernelLogConfig,
+    pub proc_scan: ProcScanConfig,
+    pub dumps: DumpConfig,
+    pub incidents: IncidentConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub node_label: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub slow_threshold: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stall_threshold: Duration,
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+/// Whether a runtime is expected on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeMode {
+    /// Probe it; a missing socket means "absent" until it has been seen up once.
+    Auto,
+    /// Probe it; a missing socket always means "down".
+    Required,
+    /// Do not probe it at all.
+    Disabled,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    pub mode: RuntimeMode,
+    pub socket: PathBuf,
+    pub exec_root: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    pub mode: RuntimeMode,
+    pub socket: PathBuf,
+    pub namespaces: Vec<String>,
+    pub stack_dump_dir: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelLogConfig {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub accept_non_kernel: bool,
+    #[serde(with = "humantime_serde")]
+    pub check_lookback: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    pub recent_events: usize,
+    pub rules: Vec<KernelRule>,
+}
+
+/// A kernel log rule: built-in rules come from `detectors/kernel/default_rules.yaml`; rules in
+/// the config are added, or replace a built-in rule of the same name.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelRule {
+    pub name: String,
+    /// Regex matched against the message text. Named groups are extracted as fields:
+    /// `pid`, `comm`, `memcg`, `device`, `seconds`, and any other name.
+    pub pattern: String,
+    #[serde(default)]
+    pub severity: Severity,
+    #[serde(default)]
+    pub kind: RuleKind,
+    /// For conditions: cleared when the rule has not matched for this long. None: held
+    /// until hangwatch restarts (e.g. a filesystem remounted read-only never heals).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clear_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    #[default]
+    Warning,
+    Critical,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleKind {
+    /// A one-off event: counted, kept in the recent ring.
+    #[default]
+    Temporary,
+    /// A state of the node that holds until cleared.
+    Condition,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcScanConfig {
+    pub enabled: bool,
+    pub proc_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub runc_stuck_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub runc_init_stuck_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub read_deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DumpConfig {
+    pub enabled: bool,
+    pub trigger_states: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    pub max_per_hour: u32,
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    #[serde(with = "humantime_serde")]
+    pub background_wait: Duration,
+    pub keep_files: usize,
+    pub keep_bytes: ByteSize,
+    pub max_file_bytes: ByteSize,
+    pub clean_docker_dumps: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncidentConfig {
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    pub recent_stops: usize,
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: String::new(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 9807)),
+            state_dir: PathBuf::from("/var/lib/hangwatch"),
+            log: LogConfig::default(),
+            metrics: MetricsConfig { node_label: true },
+            evaluate_interval: Duration::from_millis(250),
+            probes: ProbeConfig::default(),
+            docker: DockerConfig::default(),
+            containerd: ContainerdConfig::default(),
+            kernel_log: KernelLogConfig::default(),
+            proc_scan: ProcScanConfig::default(),
+            dumps: DumpConfig::default(),
+            incidents: IncidentConfig { keep: 100 },
+            lifecycle: LifecycleConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { node_label: true }
+    }
+}
+
+impl Default for IncidentConfig {
+    fn default() -> Self {
+        IncidentConfig { keep: 100 }
+    }
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            interval: secs(5),
+            slow_threshold: secs(2),
+            stall_threshold: secs(10),
+            deadline: secs(30),
+        }
+    }
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            mode: RuntimeMode::Auto,
+            socket: "/var/run/docker.sock".into(),
+            exec_root: "/var/run/docker".into(),
+            pidfile: "/var/run/docker.pid".into(),
+        }
+    }
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            mode: RuntimeMode::Auto,
+            socket: "/run/containerd/containerd.sock".into(),
+            namespaces: vec!["moby".into(), "k8s.io".into()],
+            stack_dump_dir: "/tmp".into(),
+            pidfile: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for KernelLogConfig {
+    fn default() -> Self {
+        KernelLogConfig {
+            enabled: true,
+            path: "/dev/kmsg".into(),
+            accept_non_kernel: false,
+            check_lookback: secs(600),
+            retry_initial: secs(1),
+            retry_max: secs(60),
+            recent_events: 256,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for ProcScanConfig {
+    fn default() -> Self {
+        ProcScanConfig {
+            enabled: true,
+            proc_root: "/proc".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            interval: secs(10),
+            stuck_after: secs(30),
+            runc_stuck_after: secs(60),
+            runc_init_stuck_after: secs(60),
+            read_deadline: secs(2),
+        }
+    }
+}
+
+impl Default for DumpConfig {
+    fn default() -> Self {
+        DumpConfig {
+            enabled: true,
+            trigger_states: vec!["wedged".into(), "hung".into()],
+            cooldown: secs(600),
+            max_per_hour: 3,
+            wait: secs(30),
+            background_wait: secs(1800),
+            keep_files: 20,
+            keep_bytes: ByteSize::mib(200),
+            max_file_bytes: ByteSize::mib(64),
+            clean_docker_dumps: false,
+        }
+    }
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            enabled: true,
+            stop_grace: secs(30),
+            recent_stops: 256,
+        }
+    }
+}
+
+/// A configuration that could not be loaded. The message names the key and, where the
+/// problem is in the file, its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Load from a file, or the defaults when `path` is None.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            message: format!("cannot read config file {}: {e}", path.display()),
+        })?;
+        Config::parse(&text).map_err(|e| ConfigError {
+            message: format!("{}: {}", path.display(), e.message),
+        })
+    }
+
+    /// Parse and validate YAML text. An empty document gives the defaults.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| {
+                let (line, column) = e
+                    .location()
+                    .map(|l| (l.line() as usize, l.column() as usize))
+                    .unwrap_or((0, 0));
+                let key = key_path_at_line(text, line)
+                    .map(|k| format!(" (key `{k}`)"))
+                    .unwrap_or_default();
+                let rendered = e.to_string();
+                let reason = first_line_of(&rendered);
+                ConfigError {
+                    message: format!("line {line}, column {column}{key}: {reason}"),
+                }
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that span keys: each error names the keys involved.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let p = &self.probes;
+        let positive = [
+            ("evaluate_interval", self.evaluate_interval),
+            ("probes.interval", p.interval),
+            ("probes.stall_threshold", p.stall_threshold),
+            ("probes.deadline", p.deadline),
+            ("proc_scan.interval", self.proc_scan.interval),
+            ("proc_scan.read_deadline", self.proc_scan.read_deadline),
+            ("kernel_log.retry_initial", self.kernel_log.retry_initial),
+            ("dumps.wait", self.dumps.wait),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                problems.push(format!("{key} must be greater than 0"));
+            }
+        }
+        if p.slow_threshold > p.stall_threshold {
+            problems.push("probes.slow_threshold must not exceed probes.stall_threshold".into());
+        }
+        if p.stall_threshold >= p.deadline {
+            problems.push(
+                "probes.stall_threshold must be shorter than probes.deadline (a stall is declared \
+                 while the probe is still in flight)"
+                    .into(),
+            );
+        }
+        if self.kernel_log.retry_max < self.kernel_log.retry_initial {
+            problems.push(
+                "kernel_log.retry_max must not be shorter than kernel_log.retry_initial".into(),
+            );
+        }
+        if self.kernel_log.recent_events == 0 {
+            problems.push("kernel_log.recent_events must be at least 1".into());
+        }
+        for (index, ns) in self.containerd.namespaces.iter().enumerate() {
+            if ns.is_empty()
+                || !ns
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                problems.push(format!(
+                    "containerd.namespaces[{index}] `{ns}` is not a valid containerd namespace"
+                ));
+            }
+        }
+        for (index, state) in self.dumps.trigger_states.iter().enumerate() {
+            if !["slow", "wedged", "hung", "down"].contains(&state.as_str()) {
+                problems.push(format!(
+                    "dumps.trigger_states[{index}] `{state}` is not one of slow, wedged, hung, down"
+                ));
+            }
+        }
+        for (index, rule) in self.kernel_log.rules.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(&rule.pattern) {
+                problems.push(format!(
+                    "kernel_log.rules[{index}] `{}`: pattern does not compile: {}",
+                    rule.name,
+                    first_line_of(&e.to_string())
+                ));
+            }
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            problems.push(format!("log.level `{}` is not a log level", self.log.level));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                message: problems.join("; "),
+            })
+        }
+    }
+
+    /// The node name: configured, else `$NODE_NAME`, else the hostname.
+    pub fn resolved_node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        if let Ok(name) = std::env::var("NODE_NAME")
+            && !name.is_empty()
+        {
+            return name;
+        }
+        hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Where copied goroutine dumps are kept.
+    pub fn dump_dir(&self) -> PathBuf {
+        self.state_dir.join("dumps")
+    }
+
+    /// Where incident records are kept.
+    pub fn incident_dir(&self) -> PathBuf {
+        self.state_dir.join("incidents")
+    }
+}
+
+fn first_line_of(s: &str) -> &str {
+    let line = s.lines().next().unwrap_or(s);
+    line.strip_prefix("error: ").unwrap_or(line)
+}
+
+/// The dotted path of the key on `line` (1-based) of a block-style YAML document, found from
+/// indentation: `probes:` then `  count: 3` on line 3 gives `probes.count`.
+fn key_path_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let target = lines.get(line.checked_sub(1)?)?;
+    let mut indent = indentation(target);
+    let mut path = vec![key_of(target)?];
+    for previous in lines[..line - 1].iter().rev() {
+        if previous.trim().is_empty() || previous.trim_start().starts_with('#') {
+            continue;
+        }
+        let i = indentation(previous);
+        if i < indent
+            && let Some(key) = key_of(previous)
+        {
+            path.push(key);
+            indent = i;
+            if i == 0 {
+                break;
+            }
+        }
+    }
+    path.reverse();
+    Some(path.join("."))
+}
+
+fn indentation(line: &str) -> usize {
+    line.len() - line.trim_start_matches([' ', '-']).len()
+}
+
+fn key_of(line: &str) -> Option<&str> {
+    let trimmed = line.trim_start_matches([' ', '-']);
+    let (key, _) = trimmed.split_once(':')?;
+    let key = key.trim().trim_matches(['"', '\'']);
+    (!key.is_empty() && !key.contains(' ')).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_yaml_is_exactly_the_built_in_default() {
+        let parsed = Config::parse(DEFAULT_YAML).expect("default.yaml parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let c = Config::default();
+        assert_eq!(c.probes.interval, secs(5));
+        assert_eq!(c.probes.stall_threshold, secs(10));
+        assert_eq!(c.probes.deadline, secs(30));
+        assert_eq!(c.containerd.namespaces, vec!["moby", "k8s.io"]);
+        assert_eq!(c.dumps.keep_files, 20);
+        assert_eq!(c.dumps.keep_bytes, ByteSize::mib(200));
+    }
+
+    #[test]
+    fn empty_and_partial_documents_fill_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        let c = Config::parse("probes:\n  interval: 2s\n").unwrap();
+        assert_eq!(c.probes.interval, secs(2));
+        assert_eq!(c.probes.deadline, secs(30));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse("node_name: x\nprobes:\n  intervl: 5s\n").unwrap_err();
+        assert!(e.message.contains("line 3"), "{}", e.message);
+        assert!(e.message.contains("probes.intervl"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let e = Config::parse("probes:\n  interval: 5s\n  deadline: soon\n").unwrap_err();
+        assert!(e.message.contains("line 3"), "{}", e.message);
+        assert!(e.message.contains("probes.deadline"), "{}", e.message);
+        let e = Config::parse("dumps:\n  keep_files: -1\n").unwrap_err();
+        assert!(e.message.contains("dumps.keep_files"), "{}", e.message);
+    }
+
+    #[test]
+    fn cross_key_checks_name_both_keys() {
+        let e = Config::parse("probes:\n  stall_threshold: 40s\n").unwrap_err();
+        assert!(
+            e.message.contains("probes.stall_threshold"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("probes.deadline"), "{}", e.message);
+        let e = Config::parse("probes:\n  interval: 0s\n").unwrap_err();
+        assert!(e.message.contains("probes.interval"), "{}", e.message);
+    }
+
+    #[test]
+    fn invalid_namespace_state_and_regex_are_rejected() {
+        let e = Config::parse("containerd:\n  namespaces: [\"bad ns\"]\n").unwrap_err();
+        assert!(
+            e.message.contains("containerd.namespaces[0]"),
+            "{}",
+            e.message
+        );
+        let e = Config::parse("dumps:\n  trigger_states: [stuck]\n").unwrap_err();
+        assert!(
+            e.message.contains("dumps.trigger_states[0]"),
+            "{}",
+            e.message
+        );
+        let e = Config::parse("kernel_log:\n  rules:\n    - name: x\n      pattern: \"(\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("kernel_log.rules[0]"), "{}", e.message);
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_not_a_panic() {
+        for text in [
+            "node_name: [\n",
+            "\t\tgarbage: : :",
+            "probes: 5",
+            "- a\n- b\n",
+        ] {
+            assert!(Config::parse(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn key_path_from_indentation() {
+        let text = "a: 1\nprobes:\n  # comment\n  x: 1\n  nested:\n    deep: 2\n";
+        assert_eq!(
+            key_path_at_line(text, 6).as_deref(),
+            Some("probes.nested.deep")
+        );
+        assert_eq!(key_path_at_line(text, 1).as_deref(), Some("a"));
+        assert_eq!(key_path_at_line(text, 99), None);
+    }
+}
