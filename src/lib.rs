@@ -2,7 +2,12 @@
 //! See ARCHITECTURE.md for the map of modules.
 
 pub mod attribution;
+pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod detectors;
+pub mod engine;
 pub mod heartbeat;
+pub mod http;
+pub mod metrics;
 pub mod signal;

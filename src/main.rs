@@ -1,1 +1,160 @@
-fn main() {}
+//! The `hangwatch` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hangwatch::config::{Config, DEFAULT_YAML, LogConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "hangwatch",
+    version,
+    about = "Watchdog for hung Docker/containerd runtimes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the watchdog daemon.
+    Run {
+        /// YAML configuration; built-in defaults when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address of the HTTP server (overrides `listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Probe everything once and print a report. Exit 0 healthy, 1 problem, 2 could not check.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the built-in configuration, commented.
+    Default,
+    /// Validate a configuration file. Exit 0 valid, 2 invalid.
+    Check { file: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Exit code for "could not run / could not check".
+const EXIT_UNUSABLE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{DEFAULT_YAML}");
+            ExitCode::SUCCESS
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(Some(&file)) {
+            Ok(_) => {
+                println!("{}: valid", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invalid configuration: {e}");
+                ExitCode::from(EXIT_UNUSABLE)
+            }
+        },
+        Command::Run { config, listen } => {
+            let mut config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            init_logging(&config.log);
+            let result = runtime().and_then(|rt| rt.block_on(hangwatch::daemon::run(config)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("hangwatch: {e}");
+                    ExitCode::from(EXIT_UNUSABLE)
+                }
+            }
+        }
+        Command::Check { config, format } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("hangwatch: {e}");
+                    return ExitCode::from(EXIT_UNUSABLE);
+                }
+            };
+            let report = rt.block_on(hangwatch::check::run(config));
+            // Calls still stuck in a hung runtime must not hold the exit.
+            rt.shutdown_background();
+            match format {
+                Format::Text => print!("{}", report.render_text()),
+                Format::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("hangwatch: cannot encode report: {e}");
+                        return ExitCode::from(EXIT_UNUSABLE);
+                    }
+                },
+            }
+            ExitCode::from(report.outcome.exit_code())
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("hangwatch: invalid configuration: {e}");
+        ExitCode::from(EXIT_UNUSABLE)
+    })
+}
+
+/// One thread for async work (everything is I/O-bound and bounded by deadlines) plus
+/// tokio's blocking pool for file reads that may block.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn init_logging(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,103 @@
+//! `hangwatch run`: wire detectors, engine and HTTP server together; shut down cleanly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::detectors::{self, DetectorContext};
+use crate::engine::Engine;
+use crate::heartbeat::Heartbeats;
+use crate::http::{self, Readers};
+use crate::signal;
+
+/// How long shutdown waits for loops to finish before abandoning them. Kept under the 2 s
+/// promised to operators, whatever a hung runtime is doing.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// The engine beats every evaluate interval; this budget flags a wedged engine loop.
+const ENGINE_HEARTBEAT_BUDGET: Duration = Duration::from_secs(10);
+
+pub async fn run(config: Config) -> Result<(), String> {
+    let config = Arc::new(config);
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    let listener = http::bind(config.listen).await?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let heartbeats = Heartbeats::default();
+    let shutdown = CancellationToken::new();
+    let (sender, receiver) = signal::channel();
+    let (engine, snapshot) = Engine::new(config.clone());
+    let readers = Readers {
+        metrics: engine.metrics(),
+        snapshot,
+        heartbeats: heartbeats.clone(),
+    };
+
+    let mut loops: JoinSet<String> = JoinSet::new();
+    let engine_heartbeat = heartbeats.register("engine", ENGINE_HEARTBEAT_BUDGET);
+    let engine_shutdown = shutdown.clone();
+    loops.spawn(async move {
+        engine
+            .run(receiver, engine_heartbeat, engine_shutdown)
+            .await;
+        "engine".to_string()
+    });
+    let mut names = Vec::new();
+    for detector in detectors::registered(&config) {
+        let name = detector.name();
+        let ctx = DetectorContext {
+            config: config.clone(),
+            signals: sender.clone(),
+            heartbeat: heartbeats.register(name.clone(), detector.heartbeat_budget()),
+            shutdown: shutdown.clone(),
+        };
+        names.push(name.clone());
+        loops.spawn(async move {
+            detector.run(ctx).await;
+            name
+        });
+    }
+    drop(sender);
+    let http_shutdown = shutdown.clone();
+    loops.spawn(async move {
+        http::serve(listener, readers, http_shutdown).await;
+        "http".to_string()
+    });
+    tracing::info!(
+        %listen,
+        node = %config.resolved_node_name(),
+        detectors = %names.join(","),
+        version = env!("CARGO_PKG_VERSION"),
+        "hangwatch started"
+    );
+
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            finished = loops.join_next() => match finished {
+                Some(Ok(name)) => tracing::error!(loop_name = %name, "loop exited unexpectedly; /healthz will fail"),
+                Some(Err(e)) => tracing::error!(error = %e, "loop panicked; /healthz will fail"),
+                None => break,
+            },
+        }
+    }
+    shutdown.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while loops.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some loops did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
+        loops.abort_all();
+    }
+    tracing::info!("hangwatch stopped");
+    Ok(())
+}

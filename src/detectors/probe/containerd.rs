@@ -1,0 +1,114 @@
+//! containerd probes through containerd-client (gRPC over the unix socket): `Version`, and
+//! `Tasks.List` in each configured namespace.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use containerd_client::services::v1::ListTasksRequest;
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::tonic::metadata::MetadataValue;
+use containerd_client::tonic::transport::{Channel, Endpoint};
+use containerd_client::tonic::{Code, Request, Status};
+use hyper_util::rt::TokioIo;
+
+use super::{ProbeCall, RuntimeClient, classify_error};
+use crate::config::ContainerdConfig;
+use crate::signal::{Operation, ProbeFailure, Runtime, Unreachable};
+
+pub fn operations(namespaces: &[String]) -> Vec<Operation> {
+    let mut all = vec![Operation::Version];
+    all.extend(namespaces.iter().map(|namespace| Operation::ListTasks {
+        namespace: namespace.clone(),
+    }));
+    all
+}
+
+pub struct ContainerdClient {
+    socket: PathBuf,
+    namespaces: Vec<String>,
+    /// Connects lazily and reconnects by itself; calls are bounded by the probe deadline.
+    channel: Channel,
+}
+
+impl ContainerdClient {
+    pub fn new(config: &ContainerdConfig, deadline: Duration) -> ContainerdClient {
+        let socket = config.socket.clone();
+        let connect_path = socket.clone();
+        // The URI is required by tonic but unused: the connector dials the unix socket.
+        let channel = Endpoint::from_static("http://containerd.sock")
+            .connect_timeout(deadline)
+            .timeout(deadline)
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = connect_path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(TokioIo::new)
+                }
+            }));
+        ContainerdClient {
+            socket,
+            namespaces: config.namespaces.clone(),
+            channel,
+        }
+    }
+}
+
+fn failure(status: &Status) -> ProbeFailure {
+    match status.code() {
+        Code::DeadlineExceeded => ProbeFailure::Timeout,
+        Code::Unavailable | Code::Unknown => match classify_error(status) {
+            ProbeFailure::Error(_) => {
+                ProbeFailure::Error(format!("{:?}: {}", status.code(), status.message()))
+            }
+            other => other,
+        },
+        code => ProbeFailure::Error(format!("{code:?}: {}", status.message())),
+    }
+}
+
+impl RuntimeClient for ContainerdClient {
+    fn runtime(&self) -> Runtime {
+        Runtime::Containerd
+    }
+
+    fn operations(&self) -> Vec<Operation> {
+        operations(&self.namespaces)
+    }
+
+    fn call(&self, operation: &Operation) -> ProbeCall {
+        let channel = self.channel.clone();
+        let socket_exists = self.socket.exists();
+        let operation = operation.clone();
+        Box::pin(async move {
+            // Said up front: tonic reports a missing socket only as a generic transport error.
+            if !socket_exists {
+                return Err(ProbeFailure::Unreachable(Unreachable::SocketMissing));
+            }
+            match operation {
+                Operation::Version => VersionClient::new(channel)
+                    .version(())
+                    .await
+                    .map(drop)
+                    .map_err(|s| failure(&s)),
+                Operation::ListTasks { namespace } => {
+                    let mut request = Request::new(ListTasksRequest::default());
+                    let value = MetadataValue::try_from(namespace.as_str()).map_err(|_| {
+                        ProbeFailure::Error(format!("invalid namespace {namespace:?}"))
+                    })?;
+                    request.metadata_mut().insert("containerd-namespace", value);
+                    TasksClient::new(channel)
+                        .list(request)
+                        .await
+                        .map(drop)
+                        .map_err(|s| failure(&s))
+                }
+                other => Err(ProbeFailure::Error(format!(
+                    "{} is not a containerd operation",
+                    other.label()
+                ))),
+            }
+        })
+    }
+}

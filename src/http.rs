@@ -1,0 +1,88 @@
+//! The HTTP server: `/metrics`, `/healthz`, `/status`. It only reads what the engine publishes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Snapshot;
+use crate::heartbeat::Heartbeats;
+use crate::metrics::{CLASSIC_CONTENT_TYPE, Metrics, OPENMETRICS_CONTENT_TYPE, wants_openmetrics};
+
+#[derive(Clone)]
+pub struct Readers {
+    pub metrics: Arc<Metrics>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub heartbeats: Heartbeats,
+}
+
+pub fn router(readers: Readers) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .with_state(readers)
+}
+
+/// Bind `addr`; the error names the address so a port clash is obvious.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+pub async fn serve(listener: TcpListener, readers: Readers, shutdown: CancellationToken) {
+    let result = axum::serve(listener, router(readers))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), text format 0.0.4 otherwise.
+async fn metrics(State(readers): State<Readers>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        (
+            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+            readers.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, CLASSIC_CONTENT_TYPE)],
+            readers.metrics.encode_classic(),
+        )
+            .into_response()
+    }
+}
+
+async fn healthz(State(readers): State<Readers>) -> Response {
+    let stale = readers.heartbeats.stale();
+    if stale.is_empty() {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    let mut body = String::from("stalled loops:\n");
+    for s in stale {
+        body.push_str(&format!(
+            "  {} silent for {:.1}s (budget {:.1}s)\n",
+            s.name,
+            s.silent_for.as_secs_f64(),
+            s.budget.as_secs_f64()
+        ));
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+async fn status(State(readers): State<Readers>) -> Response {
+    let snapshot = readers.snapshot.borrow().clone();
+    axum::Json(snapshot.as_ref()).into_response()
+}

@@ -1,0 +1,261 @@
+//! Every Prometheus metric hangwatch exports, in one registry. Only the engine writes them;
+//! the HTTP server only encodes the registry.
+
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// Content type of [`Metrics::encode`] (what Prometheus asks for).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode_classic`] (curl, promtool, older scrapers).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Probe latency buckets: 1 ms to 60 s.
+const PROBE_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabels {
+    pub runtime: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeStateLabels {
+    pub runtime: &'static str,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub runtime: &'static str,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub runtime: &'static str,
+    pub operation: String,
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn probe_histogram() -> Histogram {
+    Histogram::new(PROBE_BUCKETS)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub runtime_up: Family<RuntimeLabels, Gauge>,
+    pub runtime_stalled: Family<RuntimeLabels, Gauge>,
+    pub runtime_state: Family<RuntimeStateLabels, Gauge>,
+    pub probe_in_flight_seconds: Family<OperationLabels, FloatGauge>,
+    pub probe_duration_seconds: HistogramFamily<OperationLabels>,
+    pub probe_failures_total: Family<FailureLabels, Counter>,
+}
+
+impl Metrics {
+    /// A registry whose every series carries `node="<node>"` when `node` is given.
+    pub fn new(node: Option<&str>) -> Metrics {
+        let labels: Vec<(Cow<'static, str>, Cow<'static, str>)> = node
+            .map(|n| vec![(Cow::Borrowed("node"), Cow::Owned(n.to_string()))])
+            .unwrap_or_default();
+        let mut registry = Registry::with_labels(labels.into_iter());
+
+        let build_info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        registry.register("hangwatch_build", "hangwatch build information", build_info);
+
+        let mut m = Metrics {
+            runtime_up: Family::default(),
+            runtime_stalled: Family::default(),
+            runtime_state: Family::default(),
+            probe_in_flight_seconds: Family::default(),
+            probe_duration_seconds: Family::new_with_constructor(probe_histogram),
+            probe_failures_total: Family::default(),
+            registry,
+        };
+        m.registry.register(
+            "hangwatch_runtime_up",
+            "1 when the runtime answers its liveness probe (healthy, slow or wedged)",
+            m.runtime_up.clone(),
+        );
+        m.registry.register(
+            "hangwatch_runtime_stalled",
+            "1 when a probe of the runtime has been in flight longer than the stall threshold",
+            m.runtime_stalled.clone(),
+        );
+        m.registry.register(
+            "hangwatch_runtime_state",
+            "1 for the runtime's current state: healthy, slow, wedged, hung, down or absent",
+            m.runtime_state.clone(),
+        );
+        m.registry.register(
+            "hangwatch_runtime_probe_in_flight_seconds",
+            "Age of the probe call in flight, 0 when none",
+            m.probe_in_flight_seconds.clone(),
+        );
+        m.registry.register(
+            "hangwatch_runtime_probe_duration_seconds",
+            "Duration of completed probe calls (timeouts are counted as failures instead)",
+            m.probe_duration_seconds.clone(),
+        );
+        m.registry.register(
+            "hangwatch_runtime_probe_failures",
+            "Probe calls that failed, by reason: timeout, error, unreachable",
+            m.probe_failures_total.clone(),
+        );
+        m
+    }
+
+    /// Register a metric owned by a later part of the engine.
+    pub fn register<M: prometheus_client::registry::Metric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: M,
+    ) {
+        self.registry.register(name, help, metric);
+    }
+
+    /// OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail; an error here would be a bug in an encoder.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// The Prometheus text format 0.0.4 of the same metrics.
+    pub fn encode_classic(&self) -> String {
+        openmetrics_to_classic(&self.encode())
+    }
+}
+
+/// Whether an HTTP `Accept` header asks for OpenMetrics.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// Rewrite prometheus-client's OpenMetrics output as Prometheus text format 0.0.4: counter
+/// families are named with their `_total` suffix, `info` becomes a gauge named `*_info`,
+/// and `# EOF`/`# UNIT` go. Only our own encoder's output is fed here.
+fn openmetrics_to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            pending_help = rest.split_once(' ');
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                other => (name.to_string(), other),
+            };
+            if let Some((_, help)) = pending_help.take() {
+                out.push_str(&format!("# HELP {name} {help}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_label_on_every_series_and_build_info() {
+        let m = Metrics::new(Some("node-a"));
+        m.runtime_up
+            .get_or_create(&RuntimeLabels { runtime: "docker" })
+            .set(1);
+        let text = m.encode();
+        assert!(
+            text.contains("hangwatch_build_info{node=\"node-a\",version=\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("hangwatch_runtime_up{node=\"node-a\",runtime=\"docker\"} 1"),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn no_node_label_when_disabled() {
+        let m = Metrics::new(None);
+        m.runtime_up
+            .get_or_create(&RuntimeLabels { runtime: "docker" })
+            .set(0);
+        assert!(!m.encode().contains("node="));
+    }
+
+    #[test]
+    fn classic_format_names_counters_with_total_and_info_as_gauge() {
+        let m = Metrics::new(Some("n"));
+        m.probe_failures_total
+            .get_or_create(&FailureLabels {
+                runtime: "docker",
+                operation: "ping".into(),
+                reason: "timeout",
+            })
+            .inc();
+        let text = m.encode_classic();
+        assert!(
+            text.contains("# TYPE hangwatch_runtime_probe_failures_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP hangwatch_runtime_probe_failures_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE hangwatch_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(
+            m.encode()
+                .contains("# TYPE hangwatch_runtime_probe_failures counter\n")
+        );
+    }
+
+    #[test]
+    fn accept_header_negotiation() {
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(None));
+    }
+
+    #[test]
+    fn histogram_spans_one_millisecond_to_a_minute() {
+        assert_eq!(PROBE_BUCKETS.first(), Some(&0.001));
+        assert_eq!(PROBE_BUCKETS.last(), Some(&60.0));
+        assert!(PROBE_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+}
