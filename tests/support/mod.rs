@@ -2,6 +2,9 @@
 //! (see `daemons`) private dockerd + containerd instances.
 #![allow(dead_code)]
 
+pub mod daemons;
+pub mod hangwatch;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -34,7 +37,11 @@ pub fn helper_binary(name: &str) -> PathBuf {
 
 /// Poll `check` until it returns Some or `deadline` passes. Returns the value and how long it
 /// took; panics with `what` on timeout.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {

@@ -12,9 +12,9 @@ use containerd_client::tonic::transport::{Channel, Endpoint};
 use containerd_client::tonic::{Code, Request, Status};
 use hyper_util::rt::TokioIo;
 
-use super::{ProbeCall, RuntimeClient, classify_error};
+use super::{ProbeCall, RuntimeClient, classify_error, socket_present};
 use crate::config::ContainerdConfig;
-use crate::signal::{Operation, ProbeFailure, Runtime, Unreachable};
+use crate::signal::{Operation, ProbeFailure, Runtime};
 
 pub fn operations(namespaces: &[String]) -> Vec<Operation> {
     let mut all = vec![Operation::Version];
@@ -79,13 +79,11 @@ impl RuntimeClient for ContainerdClient {
 
     fn call(&self, operation: &Operation) -> ProbeCall {
         let channel = self.channel.clone();
-        let socket_exists = self.socket.exists();
+        let socket = self.socket.clone();
         let operation = operation.clone();
         Box::pin(async move {
-            // Said up front: tonic reports a missing socket only as a generic transport error.
-            if !socket_exists {
-                return Err(ProbeFailure::Unreachable(Unreachable::SocketMissing));
-            }
+            // Checked up front: tonic reports a missing socket only as a transport error.
+            socket_present(&socket)?;
             match operation {
                 Operation::Version => VersionClient::new(channel)
                     .version(())

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use hyperlocal::UnixConnector;
 use tokio::sync::Mutex;
 
-use super::{ProbeCall, RuntimeClient, classify_error};
+use super::{ProbeCall, RuntimeClient, classify_error, socket_present};
 use crate::config::DockerConfig;
 use crate::signal::{Operation, ProbeFailure, Runtime, Unreachable};
 
@@ -48,9 +48,7 @@ async fn client(
     if let Some(docker) = negotiated.lock().await.clone() {
         return Ok(docker);
     }
-    if !socket.exists() {
-        return Err(ProbeFailure::Unreachable(Unreachable::SocketMissing));
-    }
+    socket_present(socket)?;
     let version = api_version_from_ping(socket).await?;
     let docker = Docker::connect_with_unix(&socket.to_string_lossy(), timeout_secs, &version)
         .map_err(|e| failure(&e))?;

@@ -160,6 +160,19 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
     }
 }
 
+/// Whether the socket file is there to dial. `Path::exists` would call a socket we may not
+/// look at "missing"; permission problems must be told apart.
+pub fn socket_present(socket: &std::path::Path) -> Result<(), ProbeFailure> {
+    match socket.try_exists() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProbeFailure::Unreachable(Unreachable::SocketMissing)),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(ProbeFailure::Unreachable(Unreachable::PermissionDenied))
+        }
+        Err(e) => Err(ProbeFailure::Unreachable(Unreachable::Other(e.to_string()))),
+    }
+}
+
 /// Classify a client error by the I/O error at the root of its chain: connection-level
 /// problems make the runtime unreachable; anything else is an error in the reply.
 pub fn classify_error(error: &(dyn StdError + 'static)) -> ProbeFailure {
