@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install the Debian packages hangwatch needs, only when missing.
+#   --build  what building needs (protoc for the containerd API bindings)
+#   --test   what the test suite needs as well
+set -euo pipefail
+
+packages=(protobuf-compiler)
+if [ "${1:-}" = "--test" ]; then
+  packages+=(docker.io busybox-static gcc libc6-dev prometheus prometheus-alertmanager iproute2 psmisc)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing packages: ${missing[*]} (run as root, or install them)" >&2
+  exit 2
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Debian packages start nothing here (no systemd) and the suite wants it that way:
+# tests start private daemons. Make sure none of the packaged services got started.
+for svc in prometheus prometheus-alertmanager docker containerd; do
+  pkill -x "$svc" 2>/dev/null || true
+done
