@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::actions::incident_store;
 use crate::config::Config;
 use crate::detectors::probe;
+use crate::engine::incidents::Incident;
 use crate::engine::runtime::RuntimeState;
 use crate::engine::{Engine, Snapshot};
 use crate::signal::{ProbeFailure, Signal, Unreachable};
@@ -19,6 +21,9 @@ use crate::signal::{ProbeFailure, Signal, Unreachable};
 /// Extra wait past the stall threshold so a call stuck right at the threshold is judged
 /// stalled rather than racing it.
 const STALL_MARGIN: Duration = Duration::from_millis(200);
+
+/// Incidents shown in the report.
+const RECENT_INCIDENTS: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,11 +51,17 @@ pub struct CheckReport {
     /// Why some part could not be checked (e.g. no permission on a socket).
     pub unchecked: Vec<String>,
     pub snapshot: Snapshot,
+    /// Incidents on disk, newest first (open ones are problems).
+    pub incidents: Vec<Incident>,
 }
 
 pub async fn run(config: Config) -> CheckReport {
     let config = Arc::new(config);
-    let (mut engine, snapshot) = Engine::new(config.clone());
+    let incident_dir = config.incident_dir();
+    let loaded = tokio::task::spawn_blocking(move || incident_store::load(&incident_dir))
+        .await
+        .unwrap_or_default();
+    let (mut engine, snapshot) = Engine::new(config.clone(), None, loaded);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut outstanding = 0usize;
     let mut permission_denied = Vec::new();
@@ -70,7 +81,7 @@ pub async fn run(config: Config) -> CheckReport {
             let runtime = client.runtime();
             outstanding += 1;
             tokio::spawn(async move {
-                let result = call.await;
+                let (result, _) = probe::split_answer(call.await);
                 // The receiver is gone only when check gave up waiting: nothing to report to.
                 let _ = done.send(Signal::ProbeFinished {
                     runtime,
@@ -124,6 +135,12 @@ fn report(snapshot: Snapshot, mut unchecked: Vec<String>) -> CheckReport {
         })
         .collect();
     problems.sort_by_key(|(state, _)| std::cmp::Reverse(severity(*state)));
+    let incidents: Vec<Incident> = snapshot
+        .incidents
+        .iter()
+        .take(RECENT_INCIDENTS)
+        .cloned()
+        .collect();
     let outcome = if !unchecked.is_empty() {
         Outcome::CouldNotCheck
     } else if problems.is_empty() {
@@ -136,6 +153,7 @@ fn report(snapshot: Snapshot, mut unchecked: Vec<String>) -> CheckReport {
         problems: problems.into_iter().map(|(_, p)| p).collect(),
         unchecked,
         snapshot,
+        incidents,
     }
 }
 
@@ -189,6 +207,13 @@ impl CheckReport {
                 let _ = writeln!(out, "      {:<20} {detail}", op.operation);
             }
         }
+        if !self.incidents.is_empty() {
+            let _ = writeln!(out, "\nRecent incidents");
+            let now = std::time::SystemTime::now();
+            for incident in &self.incidents {
+                let _ = writeln!(out, "  {}", incident.summary(now));
+            }
+        }
         out
     }
 }
@@ -216,6 +241,7 @@ mod tests {
             node: "n".into(),
             generated_at: std::time::SystemTime::now(),
             runtimes,
+            incidents: Arc::default(),
         }
     }
 

@@ -7,9 +7,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::actions::incident_store::{self, IncidentWriter};
 use crate::config::Config;
 use crate::detectors::{self, DetectorContext};
-use crate::engine::Engine;
+use crate::engine::{Actions, Engine};
 use crate::heartbeat::Heartbeats;
 use crate::http::{self, Readers};
 use crate::signal;
@@ -33,7 +34,18 @@ pub async fn run(config: Config) -> Result<(), String> {
     let heartbeats = Heartbeats::default();
     let shutdown = CancellationToken::new();
     let (sender, receiver) = signal::channel();
-    let (engine, snapshot) = Engine::new(config.clone());
+    let incident_dir = config.incident_dir();
+    let loaded = tokio::task::spawn_blocking(move || incident_store::load(&incident_dir))
+        .await
+        .unwrap_or_default();
+    if !loaded.is_empty() {
+        tracing::info!(incidents = loaded.len(), "incidents loaded from disk");
+    }
+    let actions = Actions {
+        signals: sender.clone(),
+        incident_writer: IncidentWriter::spawn(config.incident_dir(), config.incidents.keep),
+    };
+    let (engine, snapshot) = Engine::new(config.clone(), Some(actions), loaded);
     let readers = Readers {
         metrics: engine.metrics(),
         snapshot,

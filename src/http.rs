@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -28,6 +28,8 @@ pub fn router(readers: Readers) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/incidents", get(incidents))
+        .route("/incidents/{id}", get(incident))
         .with_state(readers)
 }
 
@@ -85,4 +87,18 @@ async fn healthz(State(readers): State<Readers>) -> Response {
 async fn status(State(readers): State<Readers>) -> Response {
     let snapshot = readers.snapshot.borrow().clone();
     axum::Json(snapshot.as_ref()).into_response()
+}
+
+/// Newest first.
+async fn incidents(State(readers): State<Readers>) -> Response {
+    let snapshot = readers.snapshot.borrow().clone();
+    axum::Json(snapshot.incidents.as_ref()).into_response()
+}
+
+async fn incident(State(readers): State<Readers>, Path(id): Path<String>) -> Response {
+    let snapshot = readers.snapshot.borrow().clone();
+    match snapshot.incidents.iter().find(|i| i.id == id) {
+        Some(incident) => axum::Json(incident).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no incident {id}\n")).into_response(),
+    }
 }

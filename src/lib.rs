@@ -1,9 +1,11 @@
 //! hangwatch: a node-health watchdog for hung Docker/containerd runtimes.
 //! See ARCHITECTURE.md for the map of modules.
 
+pub mod actions;
 pub mod attribution;
 pub mod check;
 pub mod config;
+pub mod containers;
 pub mod daemon;
 pub mod detectors;
 pub mod engine;

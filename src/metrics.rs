@@ -49,6 +49,17 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DaemonLabels {
+    pub daemon: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DumpResultLabels {
+    pub daemon: &'static str,
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn probe_histogram() -> Histogram {
@@ -63,6 +74,10 @@ pub struct Metrics {
     pub probe_in_flight_seconds: Family<OperationLabels, FloatGauge>,
     pub probe_duration_seconds: HistogramFamily<OperationLabels>,
     pub probe_failures_total: Family<FailureLabels, Counter>,
+    pub goroutine_dumps_total: Family<DumpResultLabels, Counter>,
+    pub last_goroutine_dump_timestamp_seconds: Family<DaemonLabels, FloatGauge>,
+    pub incidents_total: Family<RuntimeLabels, Counter>,
+    pub incident_open: Family<RuntimeLabels, Gauge>,
 }
 
 impl Metrics {
@@ -83,6 +98,10 @@ impl Metrics {
             probe_in_flight_seconds: Family::default(),
             probe_duration_seconds: Family::new_with_constructor(probe_histogram),
             probe_failures_total: Family::default(),
+            goroutine_dumps_total: Family::default(),
+            last_goroutine_dump_timestamp_seconds: Family::default(),
+            incidents_total: Family::default(),
+            incident_open: Family::default(),
             registry,
         };
         m.registry.register(
@@ -115,17 +134,27 @@ impl Metrics {
             "Probe calls that failed, by reason: timeout, error, unreachable",
             m.probe_failures_total.clone(),
         );
+        m.registry.register(
+            "hangwatch_goroutine_dumps",
+            "Goroutine dumps requested, by result: ok, timeout, failed, cooldown",
+            m.goroutine_dumps_total.clone(),
+        );
+        m.registry.register(
+            "hangwatch_last_goroutine_dump_timestamp_seconds",
+            "Unix time of the last goroutine dump collected",
+            m.last_goroutine_dump_timestamp_seconds.clone(),
+        );
+        m.registry.register(
+            "hangwatch_incidents",
+            "Incidents opened by a runtime stall",
+            m.incidents_total.clone(),
+        );
+        m.registry.register(
+            "hangwatch_incident_open",
+            "1 while an incident of the runtime is open",
+            m.incident_open.clone(),
+        );
         m
-    }
-
-    /// Register a metric owned by a later part of the engine.
-    pub fn register<M: prometheus_client::registry::Metric>(
-        &mut self,
-        name: &str,
-        help: &str,
-        metric: M,
-    ) {
-        self.registry.register(name, help, metric);
     }
 
     /// OpenMetrics text of every metric.

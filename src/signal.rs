@@ -3,11 +3,14 @@
 use std::fmt;
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::actions::dumps::DumpEvent;
+use crate::containers::ContainerInfo;
+
 /// A container runtime hangwatch probes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     Docker,
@@ -128,6 +131,10 @@ pub enum Signal {
         finished: Instant,
         result: Result<(), ProbeFailure>,
     },
+    /// Containers a runtime listed: names, images, pods for container ids.
+    ContainersSeen(Vec<ContainerInfo>),
+    /// Progress of a goroutine dump the engine asked for.
+    Dump(DumpEvent),
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is

@@ -12,7 +12,7 @@ use containerd_client::tonic::transport::{Channel, Endpoint};
 use containerd_client::tonic::{Code, Request, Status};
 use hyper_util::rt::TokioIo;
 
-use super::{ProbeCall, RuntimeClient, classify_error, socket_present};
+use super::{ProbeAnswer, ProbeCall, RuntimeClient, classify_error, socket_present};
 use crate::config::ContainerdConfig;
 use crate::signal::{Operation, ProbeFailure, Runtime};
 
@@ -88,7 +88,7 @@ impl RuntimeClient for ContainerdClient {
                 Operation::Version => VersionClient::new(channel)
                     .version(())
                     .await
-                    .map(drop)
+                    .map(|_| ProbeAnswer::default())
                     .map_err(|s| failure(&s)),
                 Operation::ListTasks { namespace } => {
                     let mut request = Request::new(ListTasksRequest::default());
@@ -99,7 +99,7 @@ impl RuntimeClient for ContainerdClient {
                     TasksClient::new(channel)
                         .list(request)
                         .await
-                        .map(drop)
+                        .map(|_| ProbeAnswer::default())
                         .map_err(|s| failure(&s))
                 }
                 other => Err(ProbeFailure::Error(format!(

@@ -13,8 +13,9 @@ use hyper_util::rt::TokioExecutor;
 use hyperlocal::UnixConnector;
 use tokio::sync::Mutex;
 
-use super::{ProbeCall, RuntimeClient, classify_error, socket_present};
+use super::{ProbeAnswer, ProbeCall, RuntimeClient, classify_error, socket_present};
 use crate::config::DockerConfig;
+use crate::containers::ContainerInfo;
 use crate::signal::{Operation, ProbeFailure, Runtime, Unreachable};
 
 pub const OPERATIONS: [Operation; 2] = [Operation::Ping, Operation::ListContainers];
@@ -100,6 +101,21 @@ fn parse_api_version(text: &str) -> Option<ClientVersion> {
     })
 }
 
+fn summary_info(summary: &bollard::models::ContainerSummary) -> Option<ContainerInfo> {
+    let id = summary.id.as_deref()?;
+    let name = summary
+        .names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(String::as_str);
+    Some(ContainerInfo::from_labels(
+        id,
+        name,
+        summary.image.as_deref(),
+        summary.labels.as_ref(),
+    ))
+}
+
 fn failure(error: &BollardError) -> ProbeFailure {
     match error {
         BollardError::SocketNotFoundError(_) => {
@@ -131,8 +147,12 @@ impl RuntimeClient for DockerClient {
         Box::pin(async move {
             let docker = client(&socket, timeout, &negotiated).await?;
             let result = match operation {
-                Operation::Ping => docker.ping().await.map(drop),
-                Operation::ListContainers => docker.list_containers(None).await.map(drop),
+                Operation::Ping => docker.ping().await.map(|_| ProbeAnswer::default()),
+                Operation::ListContainers => {
+                    docker.list_containers(None).await.map(|list| ProbeAnswer {
+                        containers: Some(list.iter().filter_map(summary_info).collect()),
+                    })
+                }
                 other => {
                     return Err(ProbeFailure::Error(format!(
                         "{} is not a docker operation",

@@ -19,13 +19,21 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{Config, RuntimeMode};
+use crate::containers::ContainerInfo;
 use crate::detectors::{Detector, DetectorContext, DetectorFuture};
 use crate::signal::{Operation, ProbeFailure, Runtime, Signal, Unreachable};
 
 pub use containerd::ContainerdClient;
 pub use docker::DockerClient;
 
-pub type ProbeCall = Pin<Box<dyn Future<Output = Result<(), ProbeFailure>> + Send>>;
+/// What a successful probe call returns beyond "it answered".
+#[derive(Debug, Default)]
+pub struct ProbeAnswer {
+    /// Containers the call listed, for naming container ids.
+    pub containers: Option<Vec<ContainerInfo>>,
+}
+
+pub type ProbeCall = Pin<Box<dyn Future<Output = Result<ProbeAnswer, ProbeFailure>> + Send>>;
 
 /// A runtime API that can be probed.
 pub trait RuntimeClient: Send + Sync + 'static {
@@ -141,6 +149,10 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
                     Ok(result) => result,
                     Err(_) => Err(ProbeFailure::Timeout),
                 };
+                let (result, containers) = split_answer(result);
+                if let Some(containers) = containers {
+                    signals.send(Signal::ContainersSeen(containers)).await;
+                }
                 signals
                     .send(Signal::ProbeFinished {
                         runtime,
@@ -157,6 +169,16 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
     // Dropping the calls closes their connections; a hung daemon cannot hold shutdown.
     for handle in in_flight.into_iter().flatten() {
         handle.abort();
+    }
+}
+
+/// The probe verdict and, apart, any containers the answer listed.
+pub fn split_answer(
+    result: Result<ProbeAnswer, ProbeFailure>,
+) -> (Result<(), ProbeFailure>, Option<Vec<ContainerInfo>>) {
+    match result {
+        Ok(answer) => (Ok(()), answer.containers),
+        Err(failure) => (Err(failure), None),
     }
 }
 

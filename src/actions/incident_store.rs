@@ -1,0 +1,167 @@
+//! Incidents on disk: one JSON file per incident, written atomically off the engine's task,
+//! loaded again at start so incidents survive restarts. Bounded by count.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
+
+use crate::engine::incidents::Incident;
+
+/// Read every incident in `dir`. Unreadable files are logged and skipped: a corrupt file
+/// must not stop the daemon.
+pub fn load(dir: &Path) -> Vec<Incident> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let path = e.path();
+            let parsed = fs::read(&path)
+                .map_err(|err| err.to_string())
+                .and_then(|bytes| serde_json::from_slice::<Incident>(&bytes).map_err(|err| err.to_string()));
+            match parsed {
+                Ok(incident) => Some(incident),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "skipping unreadable incident file");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Handle to the writer task. Writes are queued, never awaited by the engine.
+#[derive(Debug, Clone)]
+pub struct IncidentWriter {
+    queue: mpsc::UnboundedSender<Incident>,
+}
+
+impl IncidentWriter {
+    pub fn spawn(dir: PathBuf, keep: usize) -> IncidentWriter {
+        let (queue, mut incoming) = mpsc::unbounded_channel::<Incident>();
+        tokio::spawn(async move {
+            while let Some(incident) = incoming.recv().await {
+                let dir = dir.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || write(&dir, &incident, keep)).await;
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "cannot persist incident"),
+                    Err(error) => tracing::warn!(%error, "incident writer task failed"),
+                }
+            }
+        });
+        IncidentWriter { queue }
+    }
+
+    pub fn save(&self, incident: &Incident) {
+        if self.queue.send(incident.clone()).is_err() {
+            tracing::warn!(id = %incident.id, "incident writer stopped; incident not persisted");
+        }
+    }
+}
+
+fn file_name(id: &str) -> String {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.json")
+}
+
+fn write(dir: &Path, incident: &Incident, keep: usize) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let json = serde_json::to_vec_pretty(incident).map_err(|e| e.to_string())?;
+    let path = dir.join(file_name(&incident.id));
+    let temporary = path.with_extension("json.tmp");
+    fs::write(&temporary, json).map_err(|e| format!("write {}: {e}", temporary.display()))?;
+    fs::rename(&temporary, &path).map_err(|e| format!("rename {}: {e}", path.display()))?;
+    prune(dir, keep);
+    Ok(())
+}
+
+/// Keep the `keep` most recently written incident files.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= keep {
+        return;
+    }
+    files.sort();
+    let excess = files.len() - keep;
+    for (_, path) in files.into_iter().take(excess) {
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot prune incident file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::incidents::{IncidentBook, Observation};
+    use crate::signal::Runtime;
+    use std::time::{Duration, SystemTime};
+
+    fn seen<'a>(
+        state: &'a str,
+        reason: &'a str,
+        stalled: bool,
+        recovered: bool,
+        layer: &'a str,
+    ) -> Observation<'a> {
+        Observation {
+            state,
+            reason,
+            stalled,
+            recovered,
+            layer,
+        }
+    }
+
+    #[test]
+    fn write_load_prune_and_skip_corrupt_files() {
+        let dir = std::env::temp_dir().join(format!("hangwatch-incidents-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut book = IncidentBook::new("n/1".into(), 10, Vec::new());
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for (i, runtime) in [Runtime::Docker, Runtime::Containerd]
+            .into_iter()
+            .enumerate()
+        {
+            book.on_state(
+                runtime,
+                &seen("hung", "", true, false, "dockerd"),
+                t0 + Duration::from_secs(i as u64),
+            );
+        }
+        for incident in book.all() {
+            write(&dir, &incident, 10).expect("write");
+            assert!(
+                dir.join(file_name(&incident.id)).exists(),
+                "file name is made safe"
+            );
+        }
+        fs::write(dir.join("garbage.json"), b"{not json").expect("write");
+        let loaded = load(&dir);
+        assert_eq!(loaded.len(), 2);
+        prune(&dir, 1);
+        assert_eq!(fs::read_dir(&dir).expect("read").count(), 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

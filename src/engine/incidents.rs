@@ -1,0 +1,826 @@
+//! Incidents: a runtime stall opens one; it gathers everything from its window — state
+//! changes, goroutine dumps and their triage, kernel events, stuck tasks and runc processes —
+//! states a suspected cause, and closes when the runtime answers again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::actions::dumps::{DumpOutcome, DumpRecord};
+use crate::actions::target::Daemon;
+use crate::signal::Runtime;
+
+/// Evidence older than this before a stall opens is not attached to it.
+pub const EVIDENCE_LOOKBACK: Duration = Duration::from_secs(300);
+/// Bounds per incident, so a long incident cannot grow without limit.
+const MAX_STATES: usize = 64;
+const MAX_EVIDENCE: usize = 256;
+const MAX_RECENT_EVIDENCE: usize = 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateChange {
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    pub runtime: Runtime,
+    pub state: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DumpStatus {
+    Signalled,
+    /// Signalled but not written yet: the daemon is probably stopped.
+    Pending,
+    Ok,
+    Timeout,
+    Failed,
+    /// Not signalled: cooldown or hourly cap.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DumpEntry {
+    pub daemon: Daemon,
+    pub status: DumpStatus,
+    pub detail: Option<String>,
+    pub record: Option<DumpRecord>,
+    /// One-line verdict of the dump's triage.
+    pub triage: Option<String>,
+}
+
+/// A fact from a detector that may explain a stall.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "evidence", rename_all = "snake_case")]
+pub enum Evidence {
+    OomKill {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        pid: Option<i32>,
+        comm: Option<String>,
+        victim: String,
+        constraint: String,
+        memcg: Option<String>,
+        container: Option<String>,
+    },
+    HungTask {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        pid: Option<i32>,
+        comm: Option<String>,
+        scope: String,
+        seconds: Option<u64>,
+    },
+    KernelEvent {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        rule: String,
+        message: String,
+    },
+    StuckTask {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        pid: i32,
+        tid: i32,
+        comm: String,
+        scope: String,
+        wchan: Option<String>,
+        seconds: f64,
+        container: Option<String>,
+    },
+    StuckRuntimeProcess {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        kind: String,
+        pid: i32,
+        comm: String,
+        age_seconds: f64,
+        wchan: Option<String>,
+        fifo: Option<String>,
+    },
+    StuckStop {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        container_id: String,
+        container: Option<String>,
+        seconds: f64,
+    },
+}
+
+impl Evidence {
+    pub fn at(&self) -> SystemTime {
+        match self {
+            Evidence::OomKill { at, .. }
+            | Evidence::HungTask { at, .. }
+            | Evidence::KernelEvent { at, .. }
+            | Evidence::StuckTask { at, .. }
+            | Evidence::StuckRuntimeProcess { at, .. }
+            | Evidence::StuckStop { at, .. } => *at,
+        }
+    }
+
+    /// Evidence that restates an earlier item (the same stuck task seen by the next scan)
+    /// replaces it instead of piling up.
+    fn same_subject(&self, other: &Evidence) -> bool {
+        match (self, other) {
+            (
+                Evidence::StuckTask {
+                    pid: a, tid: ta, ..
+                },
+                Evidence::StuckTask {
+                    pid: b, tid: tb, ..
+                },
+            ) => a == b && ta == tb,
+            (
+                Evidence::StuckRuntimeProcess {
+                    pid: a, kind: ka, ..
+                },
+                Evidence::StuckRuntimeProcess {
+                    pid: b, kind: kb, ..
+                },
+            ) => a == b && ka == kb,
+            (
+                Evidence::StuckStop {
+                    container_id: a, ..
+                },
+                Evidence::StuckStop {
+                    container_id: b, ..
+                },
+            ) => a == b,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: String,
+    pub node: String,
+    /// The runtime whose stall opened the incident.
+    pub runtime: Runtime,
+    /// The lowest layer seen stuck: `dockerd` or `containerd`.
+    pub layer: String,
+    pub suspected_cause: String,
+    #[serde(with = "humantime_serde")]
+    pub started_at: SystemTime,
+    #[serde(with = "humantime_serde", default)]
+    pub ended_at: Option<SystemTime>,
+    pub states: Vec<StateChange>,
+    pub dumps: Vec<DumpEntry>,
+    pub evidence: Vec<Evidence>,
+}
+
+impl Incident {
+    pub fn is_open(&self) -> bool {
+        self.ended_at.is_none()
+    }
+
+    pub fn duration(&self, now: SystemTime) -> Duration {
+        self.ended_at
+            .unwrap_or(now)
+            .duration_since(self.started_at)
+            .unwrap_or_default()
+    }
+
+    /// One line for logs and `hangwatch check`.
+    pub fn summary(&self, now: SystemTime) -> String {
+        let status = if self.is_open() { "open" } else { "closed" };
+        format!(
+            "{} [{status}, {:.0}s] {} stalled, layer {}: {}",
+            self.id,
+            self.duration(now).as_secs_f64(),
+            self.runtime,
+            self.layer,
+            self.suspected_cause
+        )
+    }
+
+    fn push_evidence(&mut self, evidence: Evidence) {
+        if let Some(existing) = self.evidence.iter_mut().find(|e| e.same_subject(&evidence)) {
+            *existing = evidence;
+        } else if self.evidence.len() < MAX_EVIDENCE {
+            self.evidence.push(evidence);
+        }
+    }
+
+    fn refresh_cause(&mut self) {
+        self.suspected_cause = suspected_cause(self);
+    }
+}
+
+/// A runtime's state as the incident book needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub state: &'a str,
+    pub reason: &'a str,
+    /// Opens or continues an incident.
+    pub stalled: bool,
+    /// Answering again, or gone for good: closes the incident.
+    pub recovered: bool,
+    /// The lowest layer currently stalled: `dockerd` or `containerd`.
+    pub layer: &'a str,
+}
+
+/// What changed, for the engine to log, count and persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Opened(String),
+    Closed(String),
+    Updated(String),
+}
+
+#[derive(Debug)]
+pub struct IncidentBook {
+    node: String,
+    open: BTreeMap<Runtime, Incident>,
+    closed: VecDeque<Incident>,
+    keep: usize,
+    /// Recent evidence, attached to an incident opened within the look-back.
+    recent: VecDeque<Evidence>,
+}
+
+impl IncidentBook {
+    /// A book holding `loaded` incidents (from disk). Open ones stay open until the engine
+    /// knows whether their runtime is still stalled.
+    pub fn new(node: String, keep: usize, loaded: Vec<Incident>) -> IncidentBook {
+        let mut book = IncidentBook {
+            node,
+            open: BTreeMap::new(),
+            closed: VecDeque::new(),
+            keep: keep.max(1),
+            recent: VecDeque::new(),
+        };
+        let mut loaded = loaded;
+        loaded.sort_by_key(|i| i.started_at);
+        for incident in loaded {
+            if incident.is_open() && !book.open.contains_key(&incident.runtime) {
+                book.open.insert(incident.runtime, incident);
+            } else {
+                book.push_closed(incident);
+            }
+        }
+        book
+    }
+
+    fn push_closed(&mut self, incident: Incident) {
+        self.closed.push_back(incident);
+        while self.closed.len() > self.keep {
+            self.closed.pop_front();
+        }
+    }
+
+    pub fn open_incident(&self, runtime: Runtime) -> Option<&Incident> {
+        self.open.get(&runtime)
+    }
+
+    /// All incidents, newest first.
+    pub fn all(&self) -> Vec<Incident> {
+        let mut all: Vec<Incident> = self
+            .open
+            .values()
+            .chain(self.closed.iter())
+            .cloned()
+            .collect();
+        all.sort_by_key(|i| std::cmp::Reverse(i.started_at));
+        all
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Incident> {
+        self.open
+            .values()
+            .chain(self.closed.iter())
+            .find(|i| i.id == id)
+    }
+
+    /// Apply a runtime's current state: a stall opens (or continues) its incident; a
+    /// recovery closes it.
+    pub fn on_state(
+        &mut self,
+        runtime: Runtime,
+        seen: &Observation<'_>,
+        now: SystemTime,
+    ) -> Vec<Change> {
+        let Observation {
+            state,
+            reason,
+            stalled,
+            recovered,
+            layer,
+        } = *seen;
+        let change = StateChange {
+            at: now,
+            runtime,
+            state: state.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut changes = Vec::new();
+        if let Some(incident) = self.open.get_mut(&runtime) {
+            if incident
+                .states
+                .last()
+                .is_none_or(|s| s.state != change.state)
+                && incident.states.len() < MAX_STATES
+            {
+                incident.states.push(change);
+                changes.push(Change::Updated(incident.id.clone()));
+            }
+            if stalled && incident.layer != layer && layer_rank(layer) > layer_rank(&incident.layer)
+            {
+                incident.layer = layer.to_string();
+                incident.refresh_cause();
+                changes.push(Change::Updated(incident.id.clone()));
+            }
+            if recovered {
+                let mut incident = self.open.remove(&runtime).expect("present: just borrowed");
+                incident.ended_at = Some(now);
+                let id = incident.id.clone();
+                self.push_closed(incident);
+                changes.retain(|c| !matches!(c, Change::Updated(i) if *i == id));
+                changes.push(Change::Closed(id));
+            }
+            return changes;
+        }
+        if !stalled {
+            return changes;
+        }
+        let millis = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut incident = Incident {
+            id: format!("{}-{}-{millis}", self.node, runtime),
+            node: self.node.clone(),
+            runtime,
+            layer: layer.to_string(),
+            suspected_cause: String::new(),
+            started_at: now,
+            ended_at: None,
+            states: vec![change],
+            dumps: Vec::new(),
+            evidence: Vec::new(),
+        };
+        let since = now
+            .checked_sub(EVIDENCE_LOOKBACK)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        for evidence in self.recent.iter().filter(|e| e.at() >= since) {
+            incident.push_evidence(evidence.clone());
+        }
+        incident.refresh_cause();
+        changes.push(Change::Opened(incident.id.clone()));
+        self.open.insert(runtime, incident);
+        changes
+    }
+
+    /// Record evidence: kept for the look-back, attached to every open incident.
+    pub fn add_evidence(&mut self, evidence: Evidence) -> Vec<Change> {
+        if let Some(existing) = self.recent.iter_mut().find(|e| e.same_subject(&evidence)) {
+            *existing = evidence.clone();
+        } else {
+            self.recent.push_back(evidence.clone());
+            while self.recent.len() > MAX_RECENT_EVIDENCE {
+                self.recent.pop_front();
+            }
+        }
+        self.open
+            .values_mut()
+            .map(|incident| {
+                incident.push_evidence(evidence.clone());
+                incident.refresh_cause();
+                Change::Updated(incident.id.clone())
+            })
+            .collect()
+    }
+
+    /// A dump was requested for `runtime`'s open incident.
+    pub fn dump_requested(
+        &mut self,
+        runtime: Runtime,
+        daemon: Daemon,
+        status: DumpStatus,
+        detail: Option<String>,
+    ) -> Vec<Change> {
+        let Some(incident) = self.open.get_mut(&runtime) else {
+            return Vec::new();
+        };
+        incident.dumps.push(DumpEntry {
+            daemon,
+            status,
+            detail,
+            record: None,
+            triage: None,
+        });
+        vec![Change::Updated(incident.id.clone())]
+    }
+
+    /// Progress of a dump of `daemon`: updates the newest incident waiting for one, open or
+    /// already closed (a stopped daemon writes its dump only after it recovered).
+    pub fn dump_progress(
+        &mut self,
+        daemon: Daemon,
+        status: DumpStatus,
+        outcome: Option<&DumpOutcome>,
+        triage: Option<String>,
+    ) -> Vec<Change> {
+        let waiting = |i: &Incident| {
+            i.dumps.iter().any(|d| {
+                d.daemon == daemon
+                    && matches!(d.status, DumpStatus::Signalled | DumpStatus::Pending)
+            })
+        };
+        let incident = self
+            .open
+            .values_mut()
+            .chain(self.closed.iter_mut())
+            .filter(|i| waiting(i))
+            .max_by_key(|i| i.started_at);
+        let Some(incident) = incident else {
+            return Vec::new();
+        };
+        if let Some(entry) = incident.dumps.iter_mut().rev().find(|d| {
+            d.daemon == daemon && matches!(d.status, DumpStatus::Signalled | DumpStatus::Pending)
+        }) {
+            entry.status = status;
+            match outcome {
+                Some(DumpOutcome::Ok(record)) => entry.record = Some(record.clone()),
+                Some(DumpOutcome::Failed { reason }) => entry.detail = Some(reason.clone()),
+                Some(DumpOutcome::Timeout { waited_seconds }) => {
+                    entry.detail = Some(format!("no dump after {waited_seconds:.0}s"))
+                }
+                None => {}
+            }
+            if triage.is_some() {
+                entry.triage = triage;
+            }
+        }
+        incident.refresh_cause();
+        vec![Change::Updated(incident.id.clone())]
+    }
+}
+
+fn layer_rank(layer: &str) -> u8 {
+    match layer {
+        "containerd" => 2,
+        "dockerd" => 1,
+        _ => 0,
+    }
+}
+
+/// A sentence naming the most likely cause, from the evidence in the window. The seed-002
+/// chain (runc:[2:INIT] OOM-killed, then runc blocked on its exec.fifo, then containerd and
+/// dockerd stuck) is spelled out when its parts are present.
+pub fn suspected_cause(incident: &Incident) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    parts.push(match (incident.runtime, incident.layer.as_str()) {
+        (Runtime::Docker, "containerd") => "containerd blocked, dockerd waiting on it".into(),
+        (Runtime::Docker, _) => "dockerd blocked while containerd answers".into(),
+        (Runtime::Containerd, _) => "containerd blocked".into(),
+    });
+    let started = incident.started_at;
+    let ago = |at: SystemTime| -> String {
+        match started.duration_since(at) {
+            Ok(d) => format!("{:.0} s before", d.as_secs_f64()),
+            Err(e) => format!("{:.0} s after the stall began", e.duration().as_secs_f64()),
+        }
+    };
+    let mut chain = 0;
+    if let Some(Evidence::OomKill { at, pid, memcg, .. }) = incident
+        .evidence
+        .iter()
+        .rev()
+        .find(|e| matches!(e, Evidence::OomKill { victim, .. } if victim == "runc_init"))
+    {
+        chain += 1;
+        let pid = pid.map(|p| format!(" pid {p}")).unwrap_or_default();
+        let memcg = memcg
+            .as_ref()
+            .map(|m| format!(" in {m}"))
+            .unwrap_or_default();
+        parts.push(format!("runc:[2:INIT]{pid} OOM-killed{memcg} {}", ago(*at)));
+    }
+    for evidence in &incident.evidence {
+        match evidence {
+            Evidence::StuckRuntimeProcess {
+                kind,
+                pid,
+                age_seconds,
+                fifo,
+                wchan,
+                comm,
+                ..
+            } => {
+                if kind == "runc" && fifo.is_some() {
+                    chain += 1;
+                }
+                let on = fifo
+                    .as_ref()
+                    .map(|f| format!("blocked on {}", short_path(f)))
+                    .or_else(|| wchan.as_ref().map(|w| format!("waiting in {w}")))
+                    .unwrap_or_else(|| "stuck".into());
+                parts.push(format!("{comm} pid {pid} {on} for {}", human(*age_seconds)));
+            }
+            Evidence::HungTask {
+                comm,
+                pid,
+                scope,
+                seconds,
+                ..
+            } if scope == "runtime" => {
+                let comm = comm.as_deref().unwrap_or("?");
+                let pid = pid.map(|p| p.to_string()).unwrap_or_default();
+                let secs = seconds
+                    .map(|s| format!(" for more than {s} s"))
+                    .unwrap_or_default();
+                parts.push(format!("kernel: task {comm}:{pid} blocked{secs}"));
+            }
+            _ => {}
+        }
+    }
+    let stuck: Vec<&Evidence> = incident
+        .evidence
+        .iter()
+        .filter(|e| matches!(e, Evidence::StuckTask { .. }))
+        .collect();
+    if !stuck.is_empty() {
+        let mut by_scope: BTreeMap<String, (usize, Option<String>, f64)> = BTreeMap::new();
+        for e in &stuck {
+            if let Evidence::StuckTask {
+                scope,
+                container,
+                wchan,
+                seconds,
+                ..
+            } = e
+            {
+                let key = container
+                    .clone()
+                    .map(|c| format!("container {c}"))
+                    .unwrap_or_else(|| scope.clone());
+                let entry = by_scope.entry(key).or_insert((0, wchan.clone(), 0.0));
+                entry.0 += 1;
+                entry.2 = entry.2.max(*seconds);
+            }
+        }
+        for (subject, (count, wchan, seconds)) in by_scope {
+            let wchan = wchan.map(|w| format!(" in {w}")).unwrap_or_default();
+            parts.push(format!(
+                "{count} task(s) of {subject} in D state{wchan} up to {}",
+                human(seconds)
+            ));
+        }
+    }
+    for dump in &incident.dumps {
+        if let Some(triage) = &dump.triage {
+            parts.push(format!("{} dump: {triage}", dump.daemon));
+        }
+    }
+    let mut text = String::new();
+    if chain >= 2 {
+        text.push_str("runc exec.fifo hang (seed 002): ");
+    }
+    text.push_str(&parts.join("; "));
+    if parts.len() == 1 {
+        let _ = write!(
+            text,
+            "; no kernel or /proc evidence yet, see the goroutine dumps"
+        );
+    }
+    text
+}
+
+fn short_path(path: &str) -> String {
+    let parts: Vec<&str> = path.rsplitn(3, '/').collect();
+    match parts.as_slice() {
+        [file, id, _] if id.len() > 12 => format!("{}/{file}", &id[..12]),
+        _ => path.to_string(),
+    }
+}
+
+fn human(seconds: f64) -> String {
+    if seconds >= 120.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else {
+        format!("{seconds:.0} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn seen<'a>(
+        state: &'a str,
+        reason: &'a str,
+        stalled: bool,
+        recovered: bool,
+        layer: &'a str,
+    ) -> Observation<'a> {
+        Observation {
+            state,
+            reason,
+            stalled,
+            recovered,
+            layer,
+        }
+    }
+
+    fn book() -> IncidentBook {
+        IncidentBook::new("node-a".into(), 10, Vec::new())
+    }
+
+    #[test]
+    fn stall_opens_and_recovery_closes() {
+        let mut b = book();
+        assert!(
+            b.on_state(
+                Runtime::Docker,
+                &seen("healthy", "", false, true, "dockerd"),
+                t(0)
+            )
+            .is_empty()
+        );
+        let changes = b.on_state(
+            Runtime::Docker,
+            &seen("hung", "ping stuck", true, false, "dockerd"),
+            t(10),
+        );
+        assert!(matches!(changes.as_slice(), [Change::Opened(_)]));
+        let again = b.on_state(
+            Runtime::Docker,
+            &seen("hung", "ping stuck", true, false, "dockerd"),
+            t(11),
+        );
+        assert!(again.is_empty(), "same state adds nothing: {again:?}");
+        let closed = b.on_state(
+            Runtime::Docker,
+            &seen("healthy", "", false, true, "dockerd"),
+            t(20),
+        );
+        assert!(matches!(closed.as_slice(), [Change::Closed(_)]));
+        let all = b.all();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].duration(t(99)), Duration::from_secs(10));
+        assert_eq!(all[0].states.len(), 2);
+    }
+
+    #[test]
+    fn seed_002_chain_is_named() {
+        let mut b = book();
+        b.add_evidence(Evidence::OomKill {
+            at: t(0),
+            pid: Some(20357),
+            comm: Some("runc:[2:INIT]".into()),
+            victim: "runc_init".into(),
+            constraint: "memcg".into(),
+            memcg: Some("/kubepods/burstable/podx/abc".into()),
+            container: None,
+        });
+        b.on_state(
+            Runtime::Docker,
+            &seen("hung", "", true, false, "containerd"),
+            t(12),
+        );
+        b.add_evidence(Evidence::StuckRuntimeProcess {
+            at: t(13),
+            kind: "runc".into(),
+            pid: 4242,
+            comm: "runc".into(),
+            age_seconds: 300.0,
+            wchan: Some("wait_for_partner".into()),
+            fifo: Some("/run/containerd/runc/k8s.io/0123456789abcdef0123/exec.fifo".into()),
+        });
+        let incident = b.open_incident(Runtime::Docker).expect("open");
+        let cause = &incident.suspected_cause;
+        assert!(
+            cause.starts_with("runc exec.fifo hang (seed 002)"),
+            "{cause}"
+        );
+        assert!(
+            cause.contains("containerd blocked, dockerd waiting on it"),
+            "{cause}"
+        );
+        assert!(
+            cause.contains("runc:[2:INIT] pid 20357 OOM-killed"),
+            "{cause}"
+        );
+        assert!(cause.contains("12 s before"), "{cause}");
+        assert!(cause.contains("runc pid 4242 blocked on"), "{cause}");
+        assert!(cause.contains("5 min"), "{cause}");
+    }
+
+    #[test]
+    fn old_evidence_is_not_attached() {
+        let mut b = book();
+        b.add_evidence(Evidence::KernelEvent {
+            at: t(0),
+            rule: "soft_lockup".into(),
+            message: "x".into(),
+        });
+        b.on_state(
+            Runtime::Containerd,
+            &seen("hung", "", true, false, "containerd"),
+            t(1000),
+        );
+        assert!(
+            b.open_incident(Runtime::Containerd)
+                .expect("open")
+                .evidence
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn dump_arriving_after_close_is_attached() {
+        let mut b = book();
+        b.on_state(
+            Runtime::Docker,
+            &seen("hung", "", true, false, "dockerd"),
+            t(0),
+        );
+        b.dump_requested(
+            Runtime::Docker,
+            Daemon::Dockerd,
+            DumpStatus::Signalled,
+            None,
+        );
+        b.dump_progress(Daemon::Dockerd, DumpStatus::Pending, None, None);
+        b.on_state(
+            Runtime::Docker,
+            &seen("healthy", "", false, true, "dockerd"),
+            t(30),
+        );
+        let changes = b.dump_progress(
+            Daemon::Dockerd,
+            DumpStatus::Ok,
+            None,
+            Some("57 goroutines blocked calling containerd".into()),
+        );
+        assert_eq!(changes.len(), 1);
+        let incident = &b.all()[0];
+        assert!(!incident.is_open());
+        assert_eq!(incident.dumps[0].status, DumpStatus::Ok);
+        assert!(
+            incident
+                .suspected_cause
+                .contains("dockerd dump: 57 goroutines"),
+            "{}",
+            incident.suspected_cause
+        );
+    }
+
+    #[test]
+    fn repeated_scans_replace_evidence_about_the_same_task() {
+        let mut b = book();
+        b.on_state(
+            Runtime::Docker,
+            &seen("hung", "", true, false, "dockerd"),
+            t(0),
+        );
+        for seconds in [30.0, 40.0, 50.0] {
+            b.add_evidence(Evidence::StuckTask {
+                at: t(1),
+                pid: 7,
+                tid: 8,
+                comm: "app".into(),
+                scope: "container".into(),
+                wchan: Some("kernel_clone".into()),
+                seconds,
+                container: Some("web".into()),
+            });
+        }
+        let incident = b.open_incident(Runtime::Docker).expect("open");
+        assert_eq!(incident.evidence.len(), 1);
+        assert!(
+            incident
+                .suspected_cause
+                .contains("1 task(s) of container web in D state in kernel_clone up to 50 s"),
+            "{}",
+            incident.suspected_cause
+        );
+    }
+
+    #[test]
+    fn loaded_open_incident_continues_and_round_trips_json() {
+        let mut b = book();
+        b.on_state(
+            Runtime::Docker,
+            &seen("wedged", "", true, false, "dockerd"),
+            t(0),
+        );
+        let json = serde_json::to_string(&b.all()[0]).expect("serialize");
+        let loaded: Incident = serde_json::from_str(&json).expect("deserialize");
+        let mut restarted = IncidentBook::new("node-a".into(), 10, vec![loaded]);
+        assert!(restarted.open_incident(Runtime::Docker).is_some());
+        let closed = restarted.on_state(
+            Runtime::Docker,
+            &seen("healthy", "", false, true, "dockerd"),
+            t(5),
+        );
+        assert!(matches!(closed.as_slice(), [Change::Closed(_)]));
+    }
+}
