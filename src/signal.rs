@@ -1,10 +1,13 @@
 //! The typed signals detectors send to the engine: the only way information enters the state.
 
 use std::fmt;
-use std::time::{Instant, SystemTime};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+use crate::detectors::kernel::{KernelEvent, KernelLogCounters};
 
 /// A container runtime hangwatch probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -127,6 +130,19 @@ pub enum Signal {
         started: Instant,
         finished: Instant,
         result: Result<(), ProbeFailure>,
+    },
+    /// A kernel log record matched a rule.
+    Kernel(Box<KernelEvent>),
+    /// Kernel log counter increments since the previous one of these (at most one per second).
+    KernelLogCounters(KernelLogCounters),
+    /// The kernel log is open and being read.
+    KernelLogUp { path: PathBuf },
+    /// The kernel log cannot be read. `retry_in`: when the next attempt is made; None when
+    /// none will be (the rules do not compile).
+    KernelLogDown {
+        path: PathBuf,
+        error: String,
+        retry_in: Option<Duration>,
     },
 }
 
