@@ -324,7 +324,7 @@ impl Run {
             self.pipeline
                 .attribute_hung_task(&mut event, text.as_deref());
         }
-        tracing::info!(
+        tracing::debug!(
             rule = %event.rule,
             seq = event.seq,
             message = %event.message,
