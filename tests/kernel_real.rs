@@ -373,11 +373,27 @@ fn restart_neither_repeats_nor_misses_events() {
     let before = format!("hw-before-{}", unique());
     let while_stopped = format!("hw-stopped-{}", unique());
 
+    // A run that sees no event still saves where it stopped, so nothing logged while it is
+    // stopped is missed.
+    let mut quiet = Harness::start(config(&state, true), KernelLogDetector::default());
+    quiet.wait_up();
+    quiet.stop();
+    assert!(
+        saved_seq(&state).is_some(),
+        "position saved without any event"
+    );
+    let after_quiet = format!("hw-after-quiet-{}", unique());
+    write_kmsg(&forged_oom_line(&after_quiet));
+
     let mut first = Harness::start(config(&state, true), KernelLogDetector::default());
     first.wait_up();
     write_kmsg(&forged_oom_line(&before));
     let (event_before, _) =
         first.wait_event("the first event", Duration::from_secs(10), comm_is(&before));
+    assert!(
+        first.has_event(comm_is(&after_quiet)),
+        "the event logged after a quiet run is delivered on restart"
+    );
     let (_, took) = first.stop();
     assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
     assert!(

@@ -210,6 +210,9 @@ async fn idle_until_shutdown(ctx: &DetectorContext) {
 impl Run {
     /// Read until shutdown or a read error.
     async fn pump(&mut self, mut watched: AsyncFd<KmsgReader>) -> Stop {
+        if let Some(seq) = watched.get_ref().last_seq() {
+            self.position = Some(seq);
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {

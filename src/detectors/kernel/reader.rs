@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
@@ -112,6 +112,28 @@ pub fn monotonic_now_usec() -> Result<u64, Errno> {
     Ok(secs * 1_000_000 + nanos / 1_000)
 }
 
+/// Longest scan for the newest record: a flood of new records could otherwise keep it going.
+const SCAN_BUDGET: Duration = Duration::from_secs(2);
+
+/// The seq of the newest record the kernel holds, read through a descriptor of its own.
+fn newest_seq_held(path: &Path) -> Result<Option<u64>, ReaderError> {
+    let mut scan = KmsgReader::open(path, StartPosition::AfterSeq(0))?;
+    // From the oldest record held, passing over none.
+    scan.skip_through = None;
+    scan.expected_seq = None;
+    let give_up = Instant::now() + SCAN_BUDGET;
+    let mut newest = None;
+    while Instant::now() < give_up {
+        match scan.read_next()? {
+            KmsgRead::Drained => break,
+            KmsgRead::Record(record) => newest = Some(record.seq),
+            KmsgRead::Malformed(_) => newest = scan.last_seq().or(newest),
+            KmsgRead::Skipped => {}
+        }
+    }
+    Ok(newest)
+}
+
 impl KmsgReader {
     pub fn open(path: &Path, start: StartPosition) -> Result<KmsgReader, ReaderError> {
         let fd = open(
@@ -147,6 +169,10 @@ impl KmsgReader {
                     path: path.to_path_buf(),
                     errno,
                 })?;
+                // Knowing the seq at the end makes the position worth saving before the first
+                // new record, and gaps countable from the first read. Scanned after the seek:
+                // a record logged in between is then read, not counted lost.
+                reader.expected_seq = newest_seq_held(path)?.and_then(|seq| seq.checked_add(1));
             }
             StartPosition::AfterSeq(seq) => {
                 reader.skip_through = Some(seq);
