@@ -84,6 +84,7 @@ fn config(state_dir: &Path, accept_non_kernel: bool) -> Config {
 struct Seen {
     events: Vec<(Instant, KernelEvent)>,
     counters: KernelLogCounters,
+    counter_signals: usize,
     ups: usize,
     downs: Vec<(String, Option<Duration>)>,
 }
@@ -94,11 +95,17 @@ struct Harness {
     receiver: SignalReceiver,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    heartbeats: Heartbeats,
     seen: Seen,
 }
 
 impl Harness {
     fn start(config: Config, detector: KernelLogDetector) -> Harness {
+        let budget = detector.heartbeat_budget();
+        Harness::start_with_budget(config, detector, budget)
+    }
+
+    fn start_with_budget(config: Config, detector: KernelLogDetector, budget: Duration) -> Harness {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -106,7 +113,8 @@ impl Harness {
             .unwrap();
         let (sender, receiver) = signal::channel();
         let shutdown = CancellationToken::new();
-        let heartbeat = Heartbeats::default().register("kernel_log", detector.heartbeat_budget());
+        let heartbeats = Heartbeats::default();
+        let heartbeat = heartbeats.register("kernel_log", budget);
         let ctx = DetectorContext {
             config: Arc::new(config),
             signals: sender,
@@ -119,6 +127,7 @@ impl Harness {
             receiver,
             shutdown,
             task: Some(task),
+            heartbeats,
             seen: Seen::default(),
         }
     }
@@ -127,7 +136,10 @@ impl Harness {
         while let Ok(signal) = self.receiver.try_recv() {
             match signal {
                 Signal::Kernel(event) => self.seen.events.push((Instant::now(), *event)),
-                Signal::KernelLogCounters(delta) => self.seen.counters += delta,
+                Signal::KernelLogCounters(delta) => {
+                    self.seen.counters += delta;
+                    self.seen.counter_signals += 1;
+                }
                 Signal::KernelLogUp { .. } => self.seen.ups += 1,
                 Signal::KernelLogDown {
                     error, retry_in, ..
@@ -618,4 +630,56 @@ fn check_reads_back_over_the_look_back_window_without_waiting() {
     let report = check(&config).unwrap();
     assert!(!report.events.iter().any(comm_is(&comm)));
     assert!(report.counters.ignored_non_kernel >= 1);
+}
+
+#[test]
+fn beats_while_silent_or_backing_off_and_batches_counters() {
+    let _serial = serial();
+    let budget = Duration::from_millis(2500);
+    let mut reading = Harness::start_with_budget(
+        config(&temp_dir("beat-reading"), false),
+        KernelLogDetector::default(),
+        budget,
+    );
+    let mut down = config(&temp_dir("beat-down"), false);
+    down.kernel_log.path = PathBuf::from("/nonexistent-hangwatch/kmsg");
+    down.kernel_log.retry_initial = Duration::from_secs(30);
+    down.kernel_log.retry_max = Duration::from_secs(60);
+    let mut backing_off = Harness::start_with_budget(down, KernelLogDetector::default(), budget);
+    reading.wait_up();
+
+    let started = Instant::now();
+    for i in 0..20 {
+        write_kmsg(&format!("hw-batch-{}-{i}", unique()));
+    }
+    // Three budgets long, whatever the log does: neither loop may go stale.
+    wait_for("three heartbeat budgets", budget * 4, || {
+        reading.poll();
+        backing_off.poll();
+        assert_eq!(reading.heartbeats.stale(), [], "reading loop went stale");
+        assert_eq!(
+            backing_off.heartbeats.stale(),
+            [],
+            "backoff loop went stale"
+        );
+        (started.elapsed() >= budget * 3 && reading.seen.counters.records_read >= 20).then_some(())
+    });
+    let elapsed_ticks = started.elapsed().as_secs() as usize + 2;
+    assert!(
+        reading.seen.counter_signals <= elapsed_ticks,
+        "{} counter signals for {} records: not batched",
+        reading.seen.counter_signals,
+        reading.seen.counters.records_read
+    );
+    assert_eq!(
+        backing_off.seen.downs.len(),
+        1,
+        "one attempt within the first backoff"
+    );
+    let (_, took) = backing_off.stop();
+    assert!(
+        took < Duration::from_secs(2),
+        "shutdown during a 30 s backoff took {took:?}"
+    );
+    reading.stop();
 }
