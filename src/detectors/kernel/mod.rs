@@ -2,7 +2,7 @@
 //! hung tasks, lockups, RCU stalls, filesystem errors, pids and conntrack limits.
 //!
 //! `/dev/kmsg` → [`KmsgReader`] (records, exact loss accounting) → [`Pipeline`] (facility
-//! filter → [`RuleSet`] → OOM correlator → classification) → [`KernelEvent`]s, sent as
+//! filter → one `RegexSet` pass over the rules → OOM correlator → classification) → [`KernelEvent`]s, sent as
 //! [`Signal::Kernel`](crate::signal::Signal::Kernel) by [`KernelLogDetector`]; [`check`] does
 //! the same once, synchronously, over a look-back window.
 
@@ -22,25 +22,16 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use conditions::{ActiveCondition, KernelConditions};
-pub use correlate::{CONTEXT_WINDOW_USEC, ContextKind, OomCorrelator, OomJoin};
 pub use detector::{HEARTBEAT_BUDGET, KernelLogDetector};
 pub use event::{
     EventFields, HungTaskScope, KernelEvent, KernelLogCounters, OomConstraint, OomInfo, OomVictim,
     RUNC_INIT_COMM, classify_hung_task, classify_oom_victim, is_runtime_comm, owner_of_path,
 };
 pub use pipeline::Pipeline;
-pub use position::{
-    BOOT_ID_PATH, POSITION_FILE, PositionStore, SAVE_INTERVAL, SavedPosition, start_position,
-    write_atomically,
-};
-pub use reader::{
-    KmsgRead, KmsgReader, RECORD_BUFFER_SIZE, ReaderError, StartPosition, monotonic_now_usec,
-};
-pub use record::{FACILITY_KERN, Record, RecordError, parse_record, unescape};
-pub use rules::{
-    DEFAULT_RULES_YAML, HUNG_TASK_RULE, OOM_KILL_RULE, RuleError, RuleMatch, RuleSet,
-    default_rules, effective_rules,
-};
+pub use position::{BOOT_ID_PATH, POSITION_FILE, SavedPosition};
+pub use reader::{KmsgRead, KmsgReader, RECORD_BUFFER_SIZE, ReaderError, StartPosition};
+pub use record::{FACILITY_KERN, Record, RecordError, parse_record};
+pub use rules::{DEFAULT_RULES_YAML, HUNG_TASK_RULE, OOM_KILL_RULE, RuleError, default_rules};
 
 use crate::config::Config;
 use crate::detectors::Detector;
