@@ -2,6 +2,7 @@
 //! counter deltas, retries with backoff when the log cannot be read, and keeps its position
 //! across restarts.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +27,8 @@ const TICK: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_BUDGET: Duration = Duration::from_secs(5);
 /// Records handled before going back to the timer and the shutdown check.
 const BATCH: usize = 256;
+/// How long the last counter increments may wait for room in the channel at shutdown.
+const FINAL_SEND_DEADLINE: Duration = Duration::from_millis(200);
 /// At most one log line per kind of trouble per this long.
 const LOG_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -138,7 +141,7 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
     let mut backoff = kernel.retry_initial;
     loop {
         let start = run.position.map_or(first_start, StartPosition::AfterSeq);
-        let stop = match open_watched(&run.path, start) {
+        let stop = match open_watched(&run.path, start).await {
             Ok(watched) => {
                 backoff = kernel.retry_initial;
                 tracing::info!(path = %run.path.display(), ?start, "reading the kernel log");
@@ -171,12 +174,23 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
         }
         backoff = (backoff * 2).min(kernel.retry_max);
     }
-    run.flush_counters().await;
+    run.flush_final_counters().await;
     run.store.save_now(run.position).await;
 }
 
-fn open_watched(path: &Path, start: StartPosition) -> Result<AsyncFd<KmsgReader>, ReaderError> {
-    let reader = KmsgReader::open(path, start)?;
+/// Open off the async threads (starting at the end scans the whole kernel buffer once), then
+/// register for readiness.
+async fn open_watched(
+    path: &Path,
+    start: StartPosition,
+) -> Result<AsyncFd<KmsgReader>, ReaderError> {
+    let owned = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || KmsgReader::open(&owned, start))
+        .await
+        .map_err(|join| ReaderError::Watch {
+            path: path.to_path_buf(),
+            source: io::Error::other(join),
+        })??;
     // SAFETY: the reader owns its descriptor, never replaces or closes it while it lives, and
     // `as_raw_fd` always returns that one.
     unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(|failed| {
@@ -308,6 +322,15 @@ impl Run {
         }
         let delta = self.pending.take();
         send(&self.ctx, Signal::KernelLogCounters(delta)).await
+    }
+
+    /// At shutdown: hand over the last increments if the engine still takes them at once.
+    async fn flush_final_counters(&mut self) {
+        if self.pending.is_zero() {
+            return;
+        }
+        let last = Signal::KernelLogCounters(self.pending.take());
+        let _ = tokio::time::timeout(FINAL_SEND_DEADLINE, self.ctx.signals.send(last)).await;
     }
 
     fn log_malformed(&mut self, error: &RecordError) {

@@ -208,6 +208,32 @@ mod tests {
     }
 
     #[test]
+    fn events_serialize_with_the_label_values() {
+        let mut p = pipeline(false);
+        let events = run(
+            &mut p,
+            &[
+                "3,7,9,-;Memory cgroup out of memory: Killed process 5 (runc:[2:INIT]) total-vm:1kB, anon-rss:1kB, file-rss:0kB",
+            ],
+        );
+        let json = serde_json::to_value(&events[0]).unwrap();
+        assert_eq!(json["rule"], "oom_kill");
+        assert_eq!(json["severity"], "warning");
+        assert_eq!(json["kind"], "temporary");
+        assert_eq!(json["oom"]["victim"], "runc_init");
+        assert_eq!(json["oom"]["constraint"], "memcg");
+        assert_eq!(json["fields"]["pid"], 5);
+        assert!(json["container_name"].is_null());
+        let events = run(
+            &mut p,
+            &["3,8,9,-;unregister_netdevice: waiting for lo to become free. Usage count = 1"],
+        );
+        let json = serde_json::to_value(&events[0]).unwrap();
+        assert_eq!(json["clear_after"], "2m");
+        assert_eq!(json["kind"], "condition");
+    }
+
+    #[test]
     fn non_kernel_facility_is_ignored_and_counted_unless_accepted() {
         let forged = "12,5,1,-;Memory cgroup out of memory: Killed process 1 (runc:[2:INIT]) total-vm:1kB, anon-rss:1kB, file-rss:0kB";
         let mut p = pipeline(false);
