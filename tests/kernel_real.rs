@@ -280,6 +280,14 @@ fn real_oom_kill(hierarchy: &Path, limits: &[(&str, &str)]) {
     assert_eq!(oom.task_memcg.as_deref(), Some(format!("/{name}").as_str()));
     assert_eq!(event.owner, None, "a test cgroup is not a container");
     let latency = received_at.saturating_duration_since(exited_at);
+    println!(
+        "OOM kill of pid {pid} in /{name}: event {} the helper's exit was seen",
+        if received_at <= exited_at {
+            format!("{:?} before", exited_at - received_at)
+        } else {
+            format!("{latency:?} after")
+        }
+    );
     assert!(
         latency <= Duration::from_secs(1),
         "event delivered {latency:?} after the kill"
