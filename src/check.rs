@@ -12,18 +12,21 @@ use tokio::sync::mpsc;
 
 use crate::actions::incident_store;
 use crate::config::Config;
+use crate::config::Severity;
+use crate::detectors::kernel as kernel_log;
 use crate::detectors::probe;
 use crate::engine::incidents::Incident;
 use crate::engine::runtime::RuntimeState;
 use crate::engine::{Engine, Snapshot};
-use crate::signal::{ProbeFailure, Signal, Unreachable};
+use crate::signal::{ProbeFailure, Runtime, Signal, Unreachable};
 
 /// Extra wait past the stall threshold so a call stuck right at the threshold is judged
 /// stalled rather than racing it.
 const STALL_MARGIN: Duration = Duration::from_millis(200);
 
-/// Incidents shown in the report.
+/// Incidents and kernel events shown in the report.
 const RECENT_INCIDENTS: usize = 5;
+const RECENT_KERNEL_EVENTS: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,7 +67,8 @@ pub async fn run(config: Config) -> CheckReport {
     let (mut engine, snapshot) = Engine::new(config.clone(), None, loaded);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut outstanding = 0usize;
-    let mut permission_denied = Vec::new();
+    let mut unchecked = Vec::new();
+    let mut denied: Vec<Runtime> = Vec::new();
 
     for client in probe::clients(&config) {
         for operation in client.operations() {
@@ -95,6 +99,15 @@ pub async fn run(config: Config) -> CheckReport {
         }
     }
 
+    let kernel = if config.kernel_log.enabled {
+        let kernel_config = config.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            kernel_log::check(&kernel_config)
+        }))
+    } else {
+        None
+    };
+
     let give_up = tokio::time::Instant::now() + config.probes.stall_threshold + STALL_MARGIN;
     while outstanding > 0 {
         match tokio::time::timeout_at(give_up, done_rx.recv()).await {
@@ -105,9 +118,7 @@ pub async fn run(config: Config) -> CheckReport {
                     ..
                 } = &signal
                 {
-                    permission_denied.push(format!(
-                        "{runtime}: permission denied on its socket (run as root?)"
-                    ));
+                    denied.push(*runtime);
                 }
                 engine.apply(signal);
                 outstanding -= 1;
@@ -115,18 +126,42 @@ pub async fn run(config: Config) -> CheckReport {
             Ok(None) | Err(_) => break,
         }
     }
+    if let Some(kernel) = kernel {
+        match kernel.await {
+            Ok(Ok(found)) => {
+                engine.apply(Signal::KernelLogUp {
+                    path: config.kernel_log.path.clone(),
+                });
+                engine.apply(Signal::KernelLogCounters(found.counters));
+                for event in found.events {
+                    engine.apply(Signal::Kernel(Box::new(event)));
+                }
+            }
+            Ok(Err(e)) => unchecked.push(format!(
+                "kernel log {}: {e}",
+                config.kernel_log.path.display()
+            )),
+            Err(e) => unchecked.push(format!("kernel log: {e}")),
+        }
+    }
     engine.evaluate(Instant::now());
     let snapshot = snapshot.borrow().as_ref().clone();
-    report(snapshot, permission_denied)
+    report(snapshot, &denied, unchecked)
 }
 
-fn report(snapshot: Snapshot, mut unchecked: Vec<String>) -> CheckReport {
+/// `denied`: runtimes whose socket hangwatch may not open: not checked, so not a problem.
+fn report(snapshot: Snapshot, denied: &[Runtime], mut unchecked: Vec<String>) -> CheckReport {
+    unchecked.extend(
+        denied
+            .iter()
+            .map(|runtime| format!("{runtime}: permission denied on its socket (run as root?)")),
+    );
     unchecked.sort();
     unchecked.dedup();
     let mut problems: Vec<(RuntimeState, String)> = snapshot
         .runtimes
         .iter()
-        .filter(|r| r.state.is_problem())
+        .filter(|r| r.state.is_problem() && !denied.contains(&r.runtime))
         .map(|r| {
             (
                 r.state,
@@ -135,26 +170,58 @@ fn report(snapshot: Snapshot, mut unchecked: Vec<String>) -> CheckReport {
         })
         .collect();
     problems.sort_by_key(|(state, _)| std::cmp::Reverse(severity(*state)));
+    let mut problems: Vec<String> = problems.into_iter().map(|(_, p)| p).collect();
+    problems.extend(kernel_problems(&snapshot));
     let incidents: Vec<Incident> = snapshot
         .incidents
         .iter()
         .take(RECENT_INCIDENTS)
         .cloned()
         .collect();
-    let outcome = if !unchecked.is_empty() {
-        Outcome::CouldNotCheck
-    } else if problems.is_empty() {
-        Outcome::Healthy
-    } else {
+    // A problem found is reported as such even when something else could not be checked.
+    let outcome = if !problems.is_empty() {
         Outcome::Problem
+    } else if !unchecked.is_empty() {
+        Outcome::CouldNotCheck
+    } else {
+        Outcome::Healthy
     };
     CheckReport {
         outcome,
-        problems: problems.into_iter().map(|(_, p)| p).collect(),
+        problems,
         unchecked,
         snapshot,
         incidents,
     }
+}
+
+/// Kernel events that make a node unhealthy: critical rules, OOM kills of runc or of the
+/// runtime itself, and conditions that still hold. A container's own OOM kill is routine.
+fn kernel_problems(snapshot: &Snapshot) -> Vec<String> {
+    let kernel = &snapshot.kernel_log;
+    let mut problems: Vec<String> = kernel
+        .conditions
+        .iter()
+        .map(|c| {
+            format!(
+                "kernel: {} holds for {:.0}s: {}",
+                c.rule, c.since_seconds, c.message
+            )
+        })
+        .collect();
+    let now = std::time::SystemTime::now();
+    for recent in &kernel.events {
+        let event = &recent.event;
+        let serious_oom = matches!(event.victim_label(), Some("runc_init" | "runtime"));
+        if event.severity == Severity::Critical || serious_oom {
+            let ago = now.duration_since(recent.at).unwrap_or_default().as_secs();
+            problems.push(format!(
+                "kernel: {} {ago}s ago: {}",
+                event.rule, event.message
+            ));
+        }
+    }
+    problems
 }
 
 fn severity(state: RuntimeState) -> u8 {
@@ -207,6 +274,42 @@ impl CheckReport {
                 let _ = writeln!(out, "      {:<20} {detail}", op.operation);
             }
         }
+        let kernel = &self.snapshot.kernel_log;
+        let _ = writeln!(out, "\nKernel log");
+        match (kernel.up, &kernel.error) {
+            (Some(false), Some(error)) => {
+                let _ = writeln!(out, "  unreadable: {error}");
+            }
+            (None, _) => {
+                let _ = writeln!(out, "  not checked");
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "  {} records read, {} lost, {} ignored (not kern), {} events",
+                    kernel.records_read,
+                    kernel.records_lost,
+                    kernel.records_ignored,
+                    kernel.events.len()
+                );
+            }
+        }
+        let now = std::time::SystemTime::now();
+        for recent in kernel.events.iter().take(RECENT_KERNEL_EVENTS) {
+            let ago = now.duration_since(recent.at).unwrap_or_default().as_secs();
+            let event = &recent.event;
+            let who = event
+                .container_name
+                .as_deref()
+                .or(event.owner.as_ref().and_then(|o| o.container_id.as_deref()))
+                .map(|c| format!(" [{c}]"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {ago:>5}s ago  {:<14} {}{who}",
+                event.rule, event.message
+            );
+        }
         if !self.incidents.is_empty() {
             let _ = writeln!(out, "\nRecent incidents");
             let now = std::time::SystemTime::now();
@@ -222,7 +325,6 @@ impl CheckReport {
 mod tests {
     use super::*;
     use crate::engine::RuntimeStatus;
-    use crate::signal::Runtime;
 
     fn status(runtime: Runtime, state: RuntimeState) -> RuntimeStatus {
         RuntimeStatus {
@@ -241,6 +343,7 @@ mod tests {
             node: "n".into(),
             generated_at: std::time::SystemTime::now(),
             runtimes,
+            kernel_log: Arc::default(),
             incidents: Arc::default(),
         }
     }
@@ -252,6 +355,7 @@ mod tests {
                 status(Runtime::Docker, RuntimeState::Healthy),
                 status(Runtime::Containerd, RuntimeState::Absent),
             ]),
+            &[],
             vec![],
         );
         assert_eq!(healthy.outcome, Outcome::Healthy);
@@ -262,6 +366,7 @@ mod tests {
                 status(Runtime::Docker, RuntimeState::Slow),
                 status(Runtime::Containerd, RuntimeState::Hung),
             ]),
+            &[],
             vec![],
         );
         assert_eq!(problem.outcome.exit_code(), 1);
@@ -269,9 +374,28 @@ mod tests {
         assert!(problem.render_text().contains("PROBLEM"));
 
         let unchecked = report(
-            snapshot(vec![status(Runtime::Docker, RuntimeState::Down)]),
-            vec!["docker: permission denied".into()],
+            snapshot(vec![status(Runtime::Docker, RuntimeState::Absent)]),
+            &[],
+            vec!["kernel log: permission denied".into()],
         );
         assert_eq!(unchecked.outcome.exit_code(), 2);
+
+        let problem_wins = report(
+            snapshot(vec![status(Runtime::Docker, RuntimeState::Hung)]),
+            &[],
+            vec!["kernel log: permission denied".into()],
+        );
+        assert_eq!(problem_wins.outcome.exit_code(), 1);
+
+        let denied = report(
+            snapshot(vec![status(Runtime::Docker, RuntimeState::Down)]),
+            &[Runtime::Docker],
+            vec![],
+        );
+        assert_eq!(
+            denied.outcome.exit_code(),
+            2,
+            "a socket we may not open is not checked"
+        );
     }
 }

@@ -8,6 +8,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::incident_store::{self, IncidentWriter};
+use crate::actions::resolve::ContainerResolver;
 use crate::config::Config;
 use crate::detectors::{self, DetectorContext};
 use crate::engine::{Actions, Engine};
@@ -44,6 +45,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let actions = Actions {
         signals: sender.clone(),
         incident_writer: IncidentWriter::spawn(config.incident_dir(), config.incidents.keep),
+        resolver: ContainerResolver::new(&config),
     };
     let (engine, snapshot) = Engine::new(config.clone(), Some(actions), loaded);
     let readers = Readers {

@@ -28,6 +28,7 @@ pub fn router(readers: Readers) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/events", get(events))
         .route("/incidents", get(incidents))
         .route("/incidents/{id}", get(incident))
         .with_state(readers)
@@ -101,4 +102,10 @@ async fn incident(State(readers): State<Readers>, Path(id): Path<String>) -> Res
         Some(incident) => axum::Json(incident).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no incident {id}\n")).into_response(),
     }
+}
+
+/// Recent kernel events, newest first.
+async fn events(State(readers): State<Readers>) -> Response {
+    let snapshot = readers.snapshot.borrow().clone();
+    axum::Json(&snapshot.kernel_log.events).into_response()
 }

@@ -60,6 +60,22 @@ pub struct DumpResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OomLabels {
+    pub victim: &'static str,
+    pub constraint: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn probe_histogram() -> Histogram {
@@ -78,6 +94,15 @@ pub struct Metrics {
     pub last_goroutine_dump_timestamp_seconds: Family<DaemonLabels, FloatGauge>,
     pub incidents_total: Family<RuntimeLabels, Counter>,
     pub incident_open: Family<RuntimeLabels, Gauge>,
+    pub kernel_events_total: Family<RuleLabels, Counter>,
+    pub hung_tasks_total: Family<ScopeLabels, Counter>,
+    pub oom_kills_total: Family<OomLabels, Counter>,
+    pub kernel_condition: Family<RuleLabels, Gauge>,
+    pub kernel_log_up: Gauge,
+    pub kernel_log_records_total: Counter,
+    pub kernel_log_lost_records_total: Counter,
+    pub kernel_log_ignored_records_total: Counter,
+    pub kernel_log_malformed_records_total: Counter,
 }
 
 impl Metrics {
@@ -102,6 +127,15 @@ impl Metrics {
             last_goroutine_dump_timestamp_seconds: Family::default(),
             incidents_total: Family::default(),
             incident_open: Family::default(),
+            kernel_events_total: Family::default(),
+            hung_tasks_total: Family::default(),
+            oom_kills_total: Family::default(),
+            kernel_condition: Family::default(),
+            kernel_log_up: Gauge::default(),
+            kernel_log_records_total: Counter::default(),
+            kernel_log_lost_records_total: Counter::default(),
+            kernel_log_ignored_records_total: Counter::default(),
+            kernel_log_malformed_records_total: Counter::default(),
             registry,
         };
         m.registry.register(
@@ -153,6 +187,52 @@ impl Metrics {
             "hangwatch_incident_open",
             "1 while an incident of the runtime is open",
             m.incident_open.clone(),
+        );
+        let r = &mut m.registry;
+        r.register(
+            "hangwatch_kernel_events",
+            "Kernel log events, by rule",
+            m.kernel_events_total.clone(),
+        );
+        r.register(
+            "hangwatch_hung_tasks",
+            "Kernel hung-task reports, by whose task: runtime, container, host",
+            m.hung_tasks_total.clone(),
+        );
+        r.register(
+            "hangwatch_oom_kills",
+            "OOM kills, by victim (runc_init, runtime, container, host) and constraint (memcg, global)",
+            m.oom_kills_total.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_condition",
+            "1 while a kernel condition rule holds (e.g. fs_readonly)",
+            m.kernel_condition.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_up",
+            "1 while the kernel log is being read",
+            m.kernel_log_up.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_records",
+            "Kernel log records read",
+            m.kernel_log_records_total.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_lost_records",
+            "Kernel log records overwritten before they were read (from seq gaps)",
+            m.kernel_log_lost_records_total.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_ignored_records",
+            "Kernel log records ignored because their facility is not kern",
+            m.kernel_log_ignored_records_total.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_malformed_records",
+            "Kernel log records that did not parse",
+            m.kernel_log_malformed_records_total.clone(),
         );
         m
     }

@@ -1,13 +1,15 @@
 //! The typed signals detectors send to the engine: the only way information enters the state.
 
 use std::fmt;
-use std::time::{Instant, SystemTime};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::actions::dumps::DumpEvent;
 use crate::containers::ContainerInfo;
+use crate::detectors::kernel::{KernelEvent, KernelLogCounters};
 
 /// A container runtime hangwatch probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -135,6 +137,19 @@ pub enum Signal {
     ContainersSeen(Vec<ContainerInfo>),
     /// Progress of a goroutine dump the engine asked for.
     Dump(DumpEvent),
+    /// A kernel log record matched a rule.
+    Kernel(Box<KernelEvent>),
+    /// Kernel log counter increments since the previous one of these (at most one per second).
+    KernelLogCounters(KernelLogCounters),
+    /// The kernel log is open and being read.
+    KernelLogUp { path: PathBuf },
+    /// The kernel log cannot be read. `retry_in`: when the next attempt is made; None when
+    /// none will be (the rules do not compile).
+    KernelLogDown {
+        path: PathBuf,
+        error: String,
+        retry_in: Option<Duration>,
+    },
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is

@@ -3,4 +3,5 @@
 
 pub mod dumps;
 pub mod incident_store;
+pub mod resolve;
 pub mod target;

@@ -5,6 +5,7 @@
 //!
 //! [`Signal`]: crate::signal::Signal
 
+pub mod kernel;
 pub mod probe;
 
 use std::future::Future;
@@ -44,5 +45,6 @@ pub trait Detector: Send {
 pub fn registered(config: &Config) -> Vec<Box<dyn Detector>> {
     let mut all: Vec<Box<dyn Detector>> = Vec::new();
     all.extend(probe::detectors(config));
+    all.extend(kernel::detector(config));
     all
 }

@@ -5,8 +5,10 @@
 
 pub mod dump_policy;
 pub mod incidents;
+pub mod kernel;
 pub mod runtime;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,18 +18,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actions::dumps::{self, DumpEvent, DumpJob, DumpOutcome};
 use crate::actions::incident_store::IncidentWriter;
+use crate::actions::resolve::ContainerResolver;
 use crate::actions::target::{self, Daemon};
 use crate::config::{Config, RuntimeMode};
 use crate::containers::ContainerDirectory;
+use crate::detectors::kernel::{self as kernel_log, KernelEvent, KernelLogCounters};
 use crate::detectors::probe;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::{
-    DaemonLabels, DumpResultLabels, FailureLabels, Metrics, OperationLabels, RuntimeLabels,
-    RuntimeStateLabels,
+    DaemonLabels, DumpResultLabels, FailureLabels, Metrics, OomLabels, OperationLabels, RuleLabels,
+    RuntimeLabels, RuntimeStateLabels, ScopeLabels,
 };
 use crate::signal::{ProbeFailure, Runtime, Signal, SignalReceiver, SignalSender};
 use dump_policy::{Decision, DumpPolicy};
-use incidents::{Change, DumpStatus, Incident, IncidentBook, Observation};
+use incidents::{Change, DumpStatus, Evidence, Incident, IncidentBook, Observation};
+use kernel::{KernelState, KernelStatus};
 use runtime::{OperationStatus, RuntimeState, RuntimeTracker, Verdict};
 
 /// What the HTTP server and `check` read: an immutable picture of the current state.
@@ -37,6 +42,7 @@ pub struct Snapshot {
     #[serde(serialize_with = "serialize_time")]
     pub generated_at: SystemTime,
     pub runtimes: Vec<RuntimeStatus>,
+    pub kernel_log: Arc<KernelStatus>,
     /// Newest first. Shared: rebuilt only when an incident changes.
     #[serde(skip)]
     pub incidents: Arc<Vec<Incident>>,
@@ -64,6 +70,7 @@ pub struct Actions {
     /// For background actions to report back.
     pub signals: SignalSender,
     pub incident_writer: IncidentWriter,
+    pub resolver: ContainerResolver,
 }
 
 struct TrackedRuntime {
@@ -75,6 +82,9 @@ struct TrackedRuntime {
 /// How long a container's name stays known after it was last listed, and how many are kept.
 const CONTAINER_NAMES_KEPT_FOR: Duration = Duration::from_secs(3600);
 const CONTAINER_NAMES_CAPACITY: usize = 4096;
+/// An unknown container id is looked up at most this often, and so many at most remembered.
+const RESOLVE_RETRY_AFTER: Duration = Duration::from_secs(600);
+const RESOLVE_REMEMBERED: usize = 1024;
 
 pub struct Engine {
     config: Arc<Config>,
@@ -85,6 +95,12 @@ pub struct Engine {
     dump_policy: DumpPolicy,
     incidents: IncidentBook,
     incidents_published: Arc<Vec<Incident>>,
+    kernel: KernelState,
+    kernel_published: Arc<KernelStatus>,
+    /// The kernel status changed since it was last published.
+    kernel_dirty: bool,
+    /// Container ids looked up recently, so an unknown id is not asked about again and again.
+    resolving: HashMap<String, Instant>,
     actions: Option<Actions>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -124,9 +140,11 @@ impl Engine {
             node: node.clone(),
             generated_at: SystemTime::now(),
             runtimes: Vec::new(),
+            kernel_log: Arc::default(),
             incidents: incidents_published.clone(),
         });
         let (snapshot, receiver) = watch::channel(initial);
+        let config_for_kernel = config.clone();
         let engine = Engine {
             dump_policy: DumpPolicy::new(config.dumps.cooldown, config.dumps.max_per_hour),
             config,
@@ -136,6 +154,10 @@ impl Engine {
             containers: ContainerDirectory::new(CONTAINER_NAMES_KEPT_FOR, CONTAINER_NAMES_CAPACITY),
             incidents,
             incidents_published,
+            kernel: KernelState::new(config_recent_events(&config_for_kernel)),
+            kernel_published: Arc::default(),
+            kernel_dirty: true,
+            resolving: HashMap::new(),
             actions,
             snapshot,
         };
@@ -184,6 +206,34 @@ impl Engine {
                 self.metrics
                     .probe_duration_seconds
                     .get_or_create_owned(&labels);
+            }
+        }
+        if self.config.kernel_log.enabled {
+            // The built-in rules are known to parse (a unit test says so).
+            let rules = kernel_log::default_rules()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.name)
+                .chain(self.config.kernel_log.rules.iter().map(|r| r.name.clone()));
+            for rule in rules {
+                self.metrics
+                    .kernel_events_total
+                    .get_or_create(&RuleLabels { rule })
+                    .get();
+            }
+            for victim in ["runc_init", "runtime", "container", "host"] {
+                for constraint in ["memcg", "global"] {
+                    self.metrics
+                        .oom_kills_total
+                        .get_or_create(&OomLabels { victim, constraint })
+                        .get();
+                }
+            }
+            for scope in ["runtime", "container", "host"] {
+                self.metrics
+                    .hung_tasks_total
+                    .get_or_create(&ScopeLabels { scope })
+                    .get();
             }
         }
         for daemon in self.enabled_daemons() {
@@ -277,9 +327,110 @@ impl Engine {
                         .probe_finished(&operation, id, started, finished, result);
                 }
             }
-            Signal::ContainersSeen(containers) => self.containers.saw(containers, Instant::now()),
+            Signal::ContainersSeen(containers) => {
+                self.containers.saw(containers, Instant::now());
+                self.kernel_dirty |= self.kernel.enrich(&self.containers);
+            }
             Signal::Dump(event) => self.apply_dump_event(event),
+            Signal::Kernel(event) => self.apply_kernel_event(*event),
+            Signal::KernelLogCounters(counters) => self.apply_kernel_counters(&counters),
+            Signal::KernelLogUp { .. } => {
+                self.metrics.kernel_log_up.set(1);
+                self.kernel.status.up = Some(true);
+                self.kernel.status.error = None;
+                self.kernel_dirty = true;
+            }
+            Signal::KernelLogDown { error, .. } => {
+                self.metrics.kernel_log_up.set(0);
+                self.kernel.status.up = Some(false);
+                self.kernel.status.error = Some(error);
+                self.kernel_dirty = true;
+            }
         }
+    }
+
+    fn apply_kernel_counters(&mut self, counters: &KernelLogCounters) {
+        let m = &self.metrics;
+        m.kernel_log_records_total.inc_by(counters.records_read);
+        m.kernel_log_lost_records_total.inc_by(counters.lost);
+        m.kernel_log_ignored_records_total
+            .inc_by(counters.ignored_non_kernel);
+        m.kernel_log_malformed_records_total
+            .inc_by(counters.malformed);
+        let status = &mut self.kernel.status;
+        status.records_read += counters.records_read;
+        status.records_lost += counters.lost;
+        status.records_ignored += counters.ignored_non_kernel;
+        status.records_malformed += counters.malformed;
+        self.kernel_dirty = true;
+    }
+
+    fn apply_kernel_event(&mut self, mut event: KernelEvent) {
+        let m = &self.metrics;
+        m.kernel_events_total
+            .get_or_create(&RuleLabels {
+                rule: event.rule.clone(),
+            })
+            .inc();
+        if let (Some(victim), Some(constraint)) = (event.victim_label(), event.constraint_label()) {
+            m.oom_kills_total
+                .get_or_create(&OomLabels { victim, constraint })
+                .inc();
+        }
+        if let Some(scope) = event.hung_task_scope_label() {
+            m.hung_tasks_total
+                .get_or_create(&ScopeLabels { scope })
+                .inc();
+        }
+        if !kernel::enrich_event(&mut event, &self.containers)
+            && let Some(id) = event.owner.as_ref().and_then(|o| o.container_id.clone())
+        {
+            self.resolve_container(id);
+        }
+        let at = kernel::kernel_time_to_wall(event.ts_usec);
+        tracing::info!(
+            rule = %event.rule, victim = event.victim_label(), container = event.container_name.as_deref(),
+            message = %event.message, "kernel event"
+        );
+        let changes = self.incidents.add_evidence(kernel_evidence(&event, at));
+        self.kernel.record(event, at, Instant::now());
+        self.kernel_dirty = true;
+        self.record_incident_changes(changes);
+    }
+
+    /// Ask the runtimes for an unknown container's names, unless asked recently or the
+    /// runtime is stuck.
+    fn resolve_container(&mut self, id: String) {
+        let Some(actions) = &self.actions else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .resolving
+            .get(&id)
+            .is_some_and(|asked| now.saturating_duration_since(*asked) < RESOLVE_RETRY_AFTER)
+        {
+            return;
+        }
+        self.resolving
+            .retain(|_, asked| now.saturating_duration_since(*asked) < RESOLVE_RETRY_AFTER);
+        if self.resolving.len() >= RESOLVE_REMEMBERED {
+            return;
+        }
+        self.resolving.insert(id.clone(), now);
+        let answering = |runtime: Runtime| {
+            self.runtimes.iter().any(|t| {
+                t.tracker.runtime() == runtime
+                    && t.verdict.state.is_up()
+                    && !t.verdict.state.is_stalled()
+            })
+        };
+        actions.resolver.spawn(
+            id,
+            answering(Runtime::Docker),
+            answering(Runtime::Containerd),
+            actions.signals.clone(),
+        );
     }
 
     fn apply_dump_event(&mut self, event: DumpEvent) {
@@ -350,6 +501,7 @@ impl Engine {
             tracked.verdict = verdict;
         }
         self.update_runtime_metrics(now);
+        self.update_kernel_conditions(now);
         self.update_incidents();
         for (runtime, from, to) in transitions {
             let triggers = &self.config.dumps.trigger_states;
@@ -534,7 +686,36 @@ impl Engine {
         self.record_incident_changes(changes);
     }
 
+    /// Conditions expire with time: refresh their gauges every evaluation.
+    fn update_kernel_conditions(&mut self, now: Instant) {
+        let active = self.kernel.active_conditions(now);
+        for rule in self.kernel_published.conditions.iter().map(|c| &c.rule) {
+            if !active.iter().any(|a| &a.rule == rule) {
+                self.metrics
+                    .kernel_condition
+                    .get_or_create(&RuleLabels { rule: rule.clone() })
+                    .set(0);
+                self.kernel_dirty = true;
+            }
+        }
+        for condition in &active {
+            self.metrics
+                .kernel_condition
+                .get_or_create(&RuleLabels {
+                    rule: condition.rule.clone(),
+                })
+                .set(1);
+        }
+        if active.len() != self.kernel_published.conditions.len() {
+            self.kernel_dirty = true;
+        }
+    }
+
     fn publish(&mut self, now: Instant) {
+        if self.kernel_dirty {
+            self.kernel_published = Arc::new(self.kernel.status(now));
+            self.kernel_dirty = false;
+        }
         let runtimes = self
             .runtimes
             .iter()
@@ -555,6 +736,7 @@ impl Engine {
             node: self.node.clone(),
             generated_at: SystemTime::now(),
             runtimes,
+            kernel_log: self.kernel_published.clone(),
             incidents: self.incidents_published.clone(),
         }));
     }
@@ -608,6 +790,43 @@ async fn dump(daemon: Daemon, config: Arc<Config>, signals: SignalSender) {
         clean_docker_dumps: d.clean_docker_dumps,
     };
     dumps::take(job, signals).await;
+}
+
+fn config_recent_events(config: &Config) -> usize {
+    config.kernel_log.recent_events
+}
+
+/// The incident's view of a kernel event.
+fn kernel_evidence(event: &KernelEvent, at: SystemTime) -> Evidence {
+    let pid = event.fields.pid.and_then(|p| i32::try_from(p).ok());
+    if let Some(oom) = &event.oom {
+        return Evidence::OomKill {
+            at,
+            pid,
+            comm: event.fields.comm.clone(),
+            victim: oom.victim.as_str().to_string(),
+            constraint: oom.constraint.as_str().to_string(),
+            memcg: oom.memcg.clone().or_else(|| oom.task_memcg.clone()),
+            container: event
+                .container_name
+                .clone()
+                .or_else(|| event.owner.as_ref().and_then(|o| o.container_id.clone())),
+        };
+    }
+    if let Some(scope) = event.hung_task_scope {
+        return Evidence::HungTask {
+            at,
+            pid,
+            comm: event.fields.comm.clone(),
+            scope: scope.as_str().to_string(),
+            seconds: event.fields.seconds,
+        };
+    }
+    Evidence::KernelEvent {
+        at,
+        rule: event.rule.clone(),
+        message: event.message.clone(),
+    }
 }
 
 fn daemon_of(runtime: Runtime) -> Daemon {

@@ -53,3 +53,10 @@ pub fn wait_for<T>(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Serialise the tests of one test binary that measure latency: on a 2-core machine another
+/// test booting its daemons would otherwise starve the process being timed.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static TIMING: Mutex<()> = Mutex::new(());
+    TIMING.lock().unwrap_or_else(|p| p.into_inner())
+}

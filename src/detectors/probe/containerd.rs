@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use containerd_client::services::v1::ListTasksRequest;
+use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::services::v1::{GetContainerRequest, ListTasksRequest};
 use containerd_client::tonic::metadata::MetadataValue;
 use containerd_client::tonic::transport::{Channel, Endpoint};
 use containerd_client::tonic::{Code, Request, Status};
@@ -14,6 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{ProbeAnswer, ProbeCall, RuntimeClient, classify_error, socket_present};
 use crate::config::ContainerdConfig;
+use crate::containers::{ContainerInfo, LABEL_CONTAINER_NAME};
 use crate::signal::{Operation, ProbeFailure, Runtime};
 
 pub fn operations(namespaces: &[String]) -> Vec<Operation> {
@@ -24,6 +26,7 @@ pub fn operations(namespaces: &[String]) -> Vec<Operation> {
     all
 }
 
+#[derive(Clone)]
 pub struct ContainerdClient {
     socket: PathBuf,
     namespaces: Vec<String>,
@@ -53,6 +56,46 @@ impl ContainerdClient {
             channel,
         }
     }
+}
+
+impl ContainerdClient {
+    /// Labels and image of one container, looked up in each configured namespace. The
+    /// caller bounds it with a deadline.
+    pub async fn container(&self, id: &str) -> Result<ContainerInfo, ProbeFailure> {
+        socket_present(&self.socket)?;
+        let mut last = ProbeFailure::Error(format!("container {id} not found"));
+        for namespace in &self.namespaces {
+            let request = namespaced(GetContainerRequest { id: id.to_string() }, namespace)?;
+            match ContainersClient::new(self.channel.clone())
+                .get(request)
+                .await
+            {
+                Ok(response) => {
+                    if let Some(c) = response.into_inner().container {
+                        let name = c.labels.get(LABEL_CONTAINER_NAME).cloned();
+                        return Ok(ContainerInfo::from_labels(
+                            &c.id,
+                            name.as_deref(),
+                            Some(&c.image),
+                            Some(&c.labels),
+                        ));
+                    }
+                }
+                Err(status) if status.code() == Code::NotFound => {}
+                Err(status) => last = failure(&status),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A request carrying the containerd namespace it applies to.
+fn namespaced<T>(message: T, namespace: &str) -> Result<Request<T>, ProbeFailure> {
+    let mut request = Request::new(message);
+    let value = MetadataValue::try_from(namespace)
+        .map_err(|_| ProbeFailure::Error(format!("invalid namespace {namespace:?}")))?;
+    request.metadata_mut().insert("containerd-namespace", value);
+    Ok(request)
 }
 
 fn failure(status: &Status) -> ProbeFailure {
@@ -91,11 +134,7 @@ impl RuntimeClient for ContainerdClient {
                     .map(|_| ProbeAnswer::default())
                     .map_err(|s| failure(&s)),
                 Operation::ListTasks { namespace } => {
-                    let mut request = Request::new(ListTasksRequest::default());
-                    let value = MetadataValue::try_from(namespace.as_str()).map_err(|_| {
-                        ProbeFailure::Error(format!("invalid namespace {namespace:?}"))
-                    })?;
-                    request.metadata_mut().insert("containerd-namespace", value);
+                    let request = namespaced(ListTasksRequest::default(), &namespace)?;
                     TasksClient::new(channel)
                         .list(request)
                         .await

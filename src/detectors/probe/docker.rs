@@ -20,6 +20,7 @@ use crate::signal::{Operation, ProbeFailure, Runtime, Unreachable};
 
 pub const OPERATIONS: [Operation; 2] = [Operation::Ping, Operation::ListContainers];
 
+#[derive(Clone)]
 pub struct DockerClient {
     socket: PathBuf,
     /// bollard's own timeout (whole seconds) only covers the wait for headers; the probe's
@@ -127,6 +128,25 @@ fn failure(error: &BollardError) -> ProbeFailure {
             message,
         } => ProbeFailure::Error(format!("HTTP {status_code}: {message}")),
         other => classify_error(other),
+    }
+}
+
+impl DockerClient {
+    /// Name, image and pod labels of one container (`GET /containers/{id}/json`). The
+    /// caller bounds it with a deadline.
+    pub async fn inspect(&self, id: &str) -> Result<ContainerInfo, ProbeFailure> {
+        let docker = client(&self.socket, self.client_timeout_secs, &self.negotiated).await?;
+        let found = docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| failure(&e))?;
+        let labels = found.config.as_ref().and_then(|c| c.labels.as_ref());
+        Ok(ContainerInfo::from_labels(
+            found.id.as_deref().unwrap_or(id),
+            found.name.as_deref(),
+            found.config.as_ref().and_then(|c| c.image.as_deref()),
+            labels,
+        ))
     }
 }
 

@@ -1,0 +1,108 @@
+//! The kernel log detector: OOM kills (whose victim is `runc:[2:INIT]` wedges the runtime),
+//! hung tasks, lockups, RCU stalls, filesystem errors, pids and conntrack limits.
+//!
+//! `/dev/kmsg` → [`KmsgReader`] (records, exact loss accounting) → [`Pipeline`] (facility
+//! filter → one `RegexSet` pass over the rules → OOM correlator → classification) → [`KernelEvent`]s, sent as
+//! [`Signal::Kernel`](crate::signal::Signal::Kernel) by [`KernelLogDetector`]; [`check`] does
+//! the same once, synchronously, over a look-back window.
+
+mod conditions;
+mod correlate;
+mod detector;
+mod event;
+mod pipeline;
+mod position;
+mod reader;
+mod record;
+mod rules;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+pub use conditions::{ActiveCondition, KernelConditions};
+pub use detector::{HEARTBEAT_BUDGET, KernelLogDetector};
+pub use event::{
+    EventFields, HungTaskScope, KernelEvent, KernelLogCounters, OomConstraint, OomInfo, OomVictim,
+    RUNC_INIT_COMM, classify_hung_task, classify_oom_victim, is_runtime_comm, owner_of_path,
+};
+pub use pipeline::Pipeline;
+pub use position::{BOOT_ID_PATH, POSITION_FILE, SavedPosition};
+pub use reader::{KmsgRead, KmsgReader, RECORD_BUFFER_SIZE, ReaderError, StartPosition};
+pub use record::{FACILITY_KERN, Record, RecordError, parse_record};
+pub use rules::{DEFAULT_RULES_YAML, HUNG_TASK_RULE, OOM_KILL_RULE, RuleError, default_rules};
+
+use crate::config::Config;
+use crate::detectors::Detector;
+
+/// The detector, unless `kernel_log.enabled` is off.
+pub fn detector(config: &Config) -> Option<Box<dyn Detector>> {
+    config
+        .kernel_log
+        .enabled
+        .then(|| Box::new(KernelLogDetector::default()) as Box<dyn Detector>)
+}
+
+/// Longest time [`check`] keeps reading when records keep arriving.
+const CHECK_READ_BUDGET: Duration = Duration::from_secs(5);
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub events: Vec<KernelEvent>,
+    pub counters: KernelLogCounters,
+}
+
+#[derive(Debug, Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Reader(#[from] ReaderError),
+}
+
+/// For `hangwatch check`: the events among the records logged within
+/// `kernel_log.check_lookback`, read synchronously without waiting for new ones.
+pub fn check(config: &Config) -> Result<CheckReport, CheckError> {
+    let kernel = &config.kernel_log;
+    let mut pipeline = Pipeline::new(kernel, &config.containerd.namespaces)?;
+    let mut reader =
+        KmsgReader::open(&kernel.path, StartPosition::LookBack(kernel.check_lookback))?;
+    let give_up = Instant::now() + CHECK_READ_BUDGET;
+    let mut events = Vec::new();
+    while Instant::now() < give_up {
+        match reader.read_next()? {
+            KmsgRead::Drained => break,
+            KmsgRead::Skipped | KmsgRead::Malformed(_) => {}
+            KmsgRead::Record(record) => events.extend(pipeline.process(&record)),
+        }
+    }
+    for event in &mut events {
+        if let Some(pid) = Pipeline::hung_task_pid(event) {
+            let text = read_proc_cgroup_blocking(config, pid);
+            pipeline.attribute_hung_task(event, text.as_deref());
+        }
+    }
+    let mut counters = reader.take_counters();
+    counters += pipeline.take_counters();
+    Ok(CheckReport { events, counters })
+}
+
+/// `/proc/<pid>/cgroup` within `proc_scan.read_deadline`: the read takes the cgroup mutex,
+/// which a hung task may hold. A read that overruns is left behind on its own thread.
+fn read_proc_cgroup_blocking(config: &Config, pid: u32) -> Option<String> {
+    let path = config
+        .proc_scan
+        .proc_root
+        .join(pid.to_string())
+        .join("cgroup");
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("hangwatch-proc-cgroup".into())
+        .spawn(move || {
+            let _ = tx.send(std::fs::read_to_string(path));
+        })
+        .ok()?;
+    rx.recv_timeout(config.proc_scan.read_deadline).ok()?.ok()
+}

@@ -1,0 +1,309 @@
+//! Where reading stopped, kept across restarts so that each kernel event is counted once:
+//! `<state_dir>/kmsg.position` holds the boot id and the last seq consumed. A seq is only
+//! meaningful within one boot, hence the boot id.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::reader::StartPosition;
+
+pub const POSITION_FILE: &str = "kmsg.position";
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// At most one write per this long while running; the last position is always written at
+/// shutdown. A crash can thus replay at most this much.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest wait for the state directory's filesystem, which may itself be the one failing.
+const IO_DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedPosition {
+    pub boot_id: String,
+    pub seq: u64,
+}
+
+impl SavedPosition {
+    pub fn parse(text: &str) -> Option<SavedPosition> {
+        let mut boot_id = None;
+        let mut seq = None;
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("boot_id", value)) if !value.trim().is_empty() => {
+                    boot_id = Some(value.trim().to_string());
+                }
+                Some(("seq", value)) => seq = value.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        Some(SavedPosition {
+            boot_id: boot_id?,
+            seq: seq?,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        format!("boot_id={}\nseq={}\n", self.boot_id, self.seq)
+    }
+}
+
+/// Resume after the saved seq in the same boot; otherwise only new records.
+pub fn start_position(saved: Option<&SavedPosition>, boot_id: Option<&str>) -> StartPosition {
+    match (saved, boot_id) {
+        (Some(saved), Some(boot_id)) if saved.boot_id == boot_id => {
+            StartPosition::AfterSeq(saved.seq)
+        }
+        _ => StartPosition::End,
+    }
+}
+
+/// Replace `path` whole or not at all: write a temporary file beside it, sync, rename.
+pub fn write_atomically(path: &Path, contents: &str) -> io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Run blocking file I/O off the async threads, giving up after [`IO_DEADLINE`].
+async fn blocking_io<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    match tokio::time::timeout(IO_DEADLINE, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(io::Error::other(join)),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {IO_DEADLINE:?}"),
+        )),
+    }
+}
+
+/// The detector's handle on the position file. Problems are logged once; after one, the
+/// position is no longer kept and every start is from the end.
+#[derive(Debug)]
+pub struct PositionStore {
+    state_dir: PathBuf,
+    boot_id: Option<String>,
+    disabled: bool,
+    saved_seq: Option<u64>,
+    last_save: Option<Instant>,
+    in_flight: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl PositionStore {
+    /// Reads the boot id; without one, positions are neither loaded nor saved.
+    pub async fn open(state_dir: &Path, boot_id_path: &Path) -> PositionStore {
+        let path = boot_id_path.to_path_buf();
+        let boot_id = match blocking_io(move || std::fs::read_to_string(path)).await {
+            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(
+                    path = %boot_id_path.display(),
+                    error = %e,
+                    "cannot read the boot id: the kernel log position will not be kept across restarts"
+                );
+                None
+            }
+        };
+        PositionStore {
+            state_dir: state_dir.to_path_buf(),
+            disabled: boot_id.is_none(),
+            boot_id,
+            saved_seq: None,
+            last_save: None,
+            in_flight: None,
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.state_dir.join(POSITION_FILE)
+    }
+
+    /// Where to start reading, from the saved position.
+    pub async fn start_position(&mut self) -> StartPosition {
+        if self.disabled {
+            return StartPosition::End;
+        }
+        let file = self.file();
+        let saved = match blocking_io(move || std::fs::read_to_string(file)).await {
+            Ok(text) => {
+                let saved = SavedPosition::parse(&text);
+                if saved.is_none() {
+                    tracing::warn!(path = %self.file().display(), "kernel log position file is unreadable: starting at the end");
+                }
+                saved
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                self.disable(&e);
+                None
+            }
+        };
+        self.saved_seq = saved.as_ref().map(|s| s.seq);
+        start_position(saved.as_ref(), self.boot_id.as_deref())
+    }
+
+    fn disable(&mut self, error: &io::Error) {
+        tracing::warn!(
+            path = %self.file().display(),
+            error = %error,
+            "cannot keep the kernel log position: after a restart, reading starts at the end"
+        );
+        self.disabled = true;
+    }
+
+    /// Save `seq` if it moved, at most once per [`SAVE_INTERVAL`] and never with a write
+    /// still in flight.
+    pub async fn save_throttled(&mut self, seq: Option<u64>) {
+        self.reap().await;
+        if self.in_flight.is_some()
+            || self
+                .last_save
+                .is_some_and(|at| at.elapsed() < SAVE_INTERVAL)
+        {
+            return;
+        }
+        self.start_save(seq);
+    }
+
+    /// Save `seq` now and wait (within the I/O deadline) for it to be written.
+    pub async fn save_now(&mut self, seq: Option<u64>) {
+        if let Some(handle) = self.in_flight.take() {
+            self.finish(handle).await;
+        }
+        self.start_save(seq);
+        if let Some(handle) = self.in_flight.take() {
+            self.finish(handle).await;
+        }
+    }
+
+    fn start_save(&mut self, seq: Option<u64>) {
+        let (Some(seq), Some(boot_id)) = (seq, self.boot_id.clone()) else {
+            return;
+        };
+        if self.disabled || self.saved_seq == Some(seq) {
+            return;
+        }
+        let state_dir = self.state_dir.clone();
+        let file = self.file();
+        let contents = SavedPosition { boot_id, seq }.render();
+        self.saved_seq = Some(seq);
+        self.last_save = Some(Instant::now());
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&state_dir)?;
+            write_atomically(&file, &contents)
+        }));
+    }
+
+    /// Collect a finished write's result without waiting for an unfinished one.
+    async fn reap(&mut self) {
+        if self.in_flight.as_ref().is_some_and(JoinHandle::is_finished)
+            && let Some(handle) = self.in_flight.take()
+        {
+            self.finish(handle).await;
+        }
+    }
+
+    async fn finish(&mut self, handle: JoinHandle<io::Result<()>>) {
+        let result = match tokio::time::timeout(IO_DEADLINE, handle).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(io::Error::other(join)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("write not done within {IO_DEADLINE:?}"),
+            )),
+        };
+        if let Err(e) = result {
+            self.disable(&e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_render_round_trip() {
+        let p = SavedPosition {
+            boot_id: "ce87fbd9-7188-4ecf-9160-4e198354d856".into(),
+            seq: 4242,
+        };
+        assert_eq!(SavedPosition::parse(&p.render()), Some(p));
+        assert_eq!(SavedPosition::parse("seq=1\n"), None);
+        assert_eq!(SavedPosition::parse("boot_id=x\nseq=minus one\n"), None);
+        assert_eq!(SavedPosition::parse(""), None);
+    }
+
+    #[test]
+    fn same_boot_resumes_other_boot_starts_at_the_end() {
+        let saved = SavedPosition {
+            boot_id: "a".into(),
+            seq: 7,
+        };
+        assert_eq!(
+            start_position(Some(&saved), Some("a")),
+            StartPosition::AfterSeq(7)
+        );
+        assert_eq!(start_position(Some(&saved), Some("b")), StartPosition::End);
+        assert_eq!(start_position(None, Some("a")), StartPosition::End);
+        assert_eq!(start_position(Some(&saved), None), StartPosition::End);
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("hangwatch-position-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[tokio::test]
+    async fn store_saves_and_resumes_in_the_same_boot() {
+        let dir = temp_dir("resume");
+        let boot = dir.join("boot_id");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&boot, "boot-1\n").unwrap();
+        let state = dir.join("state");
+
+        let mut store = PositionStore::open(&state, &boot).await;
+        assert_eq!(store.start_position().await, StartPosition::End);
+        store.save_now(Some(99)).await;
+        let text = std::fs::read_to_string(state.join(POSITION_FILE)).unwrap();
+        assert_eq!(text, "boot_id=boot-1\nseq=99\n");
+        assert!(!state.join("kmsg.position.tmp").exists());
+
+        let mut store = PositionStore::open(&state, &boot).await;
+        assert_eq!(store.start_position().await, StartPosition::AfterSeq(99));
+
+        std::fs::write(&boot, "boot-2\n").unwrap();
+        let mut store = PositionStore::open(&state, &boot).await;
+        assert_eq!(store.start_position().await, StartPosition::End);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unwritable_state_dir_disables_saving_without_failing() {
+        let dir = temp_dir("unwritable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let boot = dir.join("boot_id");
+        std::fs::write(&boot, "boot-1\n").unwrap();
+        // A regular file where the state directory should be: no directory can be made there.
+        let state = dir.join("not-a-dir");
+        std::fs::write(&state, "").unwrap();
+        let mut store = PositionStore::open(&state, &boot).await;
+        assert_eq!(store.start_position().await, StartPosition::End);
+        store.save_now(Some(5)).await;
+        assert!(store.disabled);
+        store.save_throttled(Some(6)).await;
+        assert!(store.in_flight.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
