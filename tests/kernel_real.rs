@@ -10,10 +10,8 @@ mod support;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,7 +24,8 @@ use hangwatch::detectors::kernel::{
 use hangwatch::detectors::{Detector, DetectorContext};
 use hangwatch::heartbeat::Heartbeats;
 use hangwatch::signal::{self, Signal, SignalReceiver};
-use support::{helper_binary, wait_for};
+use support::oom::{OomVictim, TestCgroup};
+use support::wait_for;
 use tokio_util::sync::CancellationToken;
 
 const KMSG: &str = "/dev/kmsg";
@@ -201,28 +200,6 @@ fn saved_seq(state_dir: &Path) -> Option<u64> {
     SavedPosition::parse(&text).map(|p| p.seq)
 }
 
-/// A memory cgroup for the test; on drop, whatever is left in it is killed and it is removed.
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Ok(pids) = fs::read_to_string(self.path.join("cgroup.procs")) {
-            for pid in pids.lines().filter_map(|p| p.parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// A real OOM kill in a memory cgroup of `hierarchy` limited through `limits`, of a process
 /// whose comm is `runc:[2:INIT]`; the event must arrive within 1 s of the kill.
 fn real_oom_kill(hierarchy: &Path, limits: &[(&str, &str)]) {
@@ -231,57 +208,28 @@ fn real_oom_kill(hierarchy: &Path, limits: &[(&str, &str)]) {
     let mut harness = Harness::start(config(&state, false), KernelLogDetector::default());
     harness.wait_up();
 
-    let name = format!("hangwatch-test-{}", unique());
-    fs::create_dir(hierarchy.join(&name)).unwrap();
-    let cgroup = TestCgroup {
-        path: hierarchy.join(&name),
-    };
-    for (file, value) in limits {
-        let path = cgroup.path.join(file);
-        if path.exists() {
-            fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        }
-    }
-
-    // The kernel takes a task's comm from the file name it was executed from.
-    let dir = temp_dir("oom-exe");
-    let exe = dir.join("runc:[2:INIT]");
-    fs::copy(helper_binary("oom_victim"), &exe).unwrap();
-    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut child = Command::new(&exe)
-        .arg("100")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    fs::write(cgroup.path.join("cgroup.procs"), pid.to_string()).unwrap();
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-    assert_eq!(comm.trim_end(), "runc:[2:INIT]");
-    child.stdin.take().unwrap().write_all(b"g").unwrap();
-    let waiter = std::thread::spawn(move || {
-        let status = child.wait().unwrap();
-        (status, Instant::now())
-    });
-
+    let cgroup = TestCgroup::create(hierarchy, limits);
+    let scratch = temp_dir("oom-exe");
+    let victim = OomVictim::start("runc:[2:INIT]", &cgroup, &scratch);
+    let pid = victim.pid;
+    let exited_at = victim.allocate_until_killed();
     let (event, received_at) =
         harness.wait_event("the OOM kill of the helper", Duration::from_secs(30), |e| {
             e.rule == "oom_kill" && e.fields.pid == Some(pid)
         });
-    let (status, exited_at) = waiter.join().unwrap();
-    assert_eq!(status.signal(), Some(9), "the kernel killed the helper");
 
     assert_eq!(event.facility, 0, "the kernel's own line");
     assert_eq!(event.fields.comm.as_deref(), Some("runc:[2:INIT]"));
     assert_eq!(event.victim_label(), Some("runc_init"));
     assert_eq!(event.constraint_label(), Some("memcg"));
     let oom = event.oom.as_ref().unwrap();
-    assert_eq!(oom.memcg.as_deref(), Some(format!("/{name}").as_str()));
-    assert_eq!(oom.task_memcg.as_deref(), Some(format!("/{name}").as_str()));
+    assert_eq!(oom.memcg.as_deref(), Some(cgroup.kernel_path.as_str()));
+    assert_eq!(oom.task_memcg.as_deref(), Some(cgroup.kernel_path.as_str()));
     assert_eq!(event.owner, None, "a test cgroup is not a container");
     let latency = received_at.saturating_duration_since(exited_at);
     println!(
-        "OOM kill of pid {pid} in /{name}: event {} the helper's exit was seen",
+        "OOM kill of pid {pid} in {}: event {} the helper's exit was seen",
+        cgroup.kernel_path,
         if received_at <= exited_at {
             format!("{:?} before", exited_at - received_at)
         } else {
@@ -301,9 +249,10 @@ fn real_oom_kill(hierarchy: &Path, limits: &[(&str, &str)]) {
         .count();
     assert_eq!(kills, 1, "one kill, one event");
     assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    let cgroup_dir = cgroup.path.clone();
     drop(cgroup);
-    assert!(!hierarchy.join(&name).exists(), "test cgroup removed");
-    fs::remove_dir_all(dir).unwrap();
+    assert!(!cgroup_dir.exists(), "test cgroup removed");
+    fs::remove_dir_all(scratch).unwrap();
 }
 
 #[test]

@@ -85,6 +85,9 @@ const CONTAINER_NAMES_CAPACITY: usize = 4096;
 /// An unknown container id is looked up at most this often, and so many at most remembered.
 const RESOLVE_RETRY_AFTER: Duration = Duration::from_secs(600);
 const RESOLVE_REMEMBERED: usize = 1024;
+/// Kernel changes are published at once, but no more often than this (a flood of matching
+/// records would otherwise copy the event ring per record); the tick publishes the rest.
+const KERNEL_PUBLISH_MIN_INTERVAL: Duration = Duration::from_millis(20);
 
 pub struct Engine {
     config: Arc<Config>,
@@ -99,6 +102,7 @@ pub struct Engine {
     kernel_published: Arc<KernelStatus>,
     /// The kernel status changed since it was last published.
     kernel_dirty: bool,
+    kernel_published_at: Instant,
     /// Container ids looked up recently, so an unknown id is not asked about again and again.
     resolving: HashMap<String, Instant>,
     actions: Option<Actions>,
@@ -157,6 +161,7 @@ impl Engine {
             kernel: KernelState::new(config_recent_events(&config_for_kernel)),
             kernel_published: Arc::default(),
             kernel_dirty: true,
+            kernel_published_at: now,
             resolving: HashMap::new(),
             actions,
             snapshot,
@@ -281,6 +286,17 @@ impl Engine {
     }
 
     pub fn apply(&mut self, signal: Signal) {
+        self.apply_signal(signal);
+        let now = Instant::now();
+        if self.kernel_dirty
+            && now.saturating_duration_since(self.kernel_published_at)
+                >= KERNEL_PUBLISH_MIN_INTERVAL
+        {
+            self.publish(now);
+        }
+    }
+
+    fn apply_signal(&mut self, signal: Signal) {
         match signal {
             Signal::ProbeStarted {
                 runtime,
@@ -715,6 +731,7 @@ impl Engine {
         if self.kernel_dirty {
             self.kernel_published = Arc::new(self.kernel.status(now));
             self.kernel_dirty = false;
+            self.kernel_published_at = now;
         }
         let runtimes = self
             .runtimes

@@ -4,6 +4,7 @@
 
 pub mod daemons;
 pub mod hangwatch;
+pub mod oom;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

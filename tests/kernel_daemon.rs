@@ -1,0 +1,246 @@
+//! The kernel log through the whole daemon: real OOM kills become metrics and `/events`
+//! within a second, attributed to containers by id and name; a restart does not count an
+//! event twice; an unreadable `/dev/kmsg` leaves the rest of hangwatch working.
+
+mod support;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::daemons::PrivateDaemons;
+use support::hangwatch::{Hangwatch, TempDir};
+use support::oom::{OomVictim, TestCgroup};
+use support::{exclusive, wait_for};
+
+/// hangwatch watching only the kernel log.
+fn kernel_only(state: &std::path::Path, extra: &str) -> String {
+    format!(
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n{extra}",
+        state.display()
+    )
+}
+
+fn oom_kills(hw: &Hangwatch, victim: &str) -> f64 {
+    hw.metric(
+        "hangwatch_oom_kills_total",
+        &[("victim", victim), ("constraint", "memcg")],
+    )
+    .unwrap_or(0.0)
+}
+
+fn events(hw: &Hangwatch) -> Vec<Value> {
+    let (code, body) = hw.get("/events");
+    assert_eq!(code, 200);
+    serde_json::from_str::<Value>(&body)
+        .expect("/events JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_kernel_log_up(hw: &Hangwatch) {
+    wait_for("kernel_log_up 1", Duration::from_secs(10), || {
+        (hw.metric("hangwatch_kernel_log_up", &[]) == Some(1.0)).then_some(())
+    });
+}
+
+/// A line in the kernel log from userspace (facility user): ignored by default, so once the
+/// ignored-records counter moves, the reader has read past everything logged before it.
+fn mark_read_position(hw: &Hangwatch) {
+    let before = hw
+        .metric("hangwatch_kernel_log_ignored_records_total", &[])
+        .unwrap_or(0.0);
+    let mut kmsg = OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg");
+    writeln!(kmsg, "hangwatch test marker").expect("write /dev/kmsg");
+    wait_for(
+        "the reader to pass the marker",
+        Duration::from_secs(10),
+        || {
+            (hw.metric("hangwatch_kernel_log_ignored_records_total", &[])
+                .unwrap_or(0.0)
+                > before)
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn runc_init_oom_kill_is_counted_within_a_second_and_not_again_after_a_restart() {
+    let _serial = exclusive();
+    let dir = TempDir::new("kernel-oom");
+    let config = kernel_only(dir.path(), "");
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_kernel_log_up(&hw);
+    assert_eq!(oom_kills(&hw, "runc_init"), 0.0);
+
+    let cgroup = TestCgroup::v1_memory_20mib();
+    let victim = OomVictim::start("runc:[2:INIT]", &cgroup, dir.path());
+    let pid = victim.pid;
+    let killed_at = victim.allocate_until_killed();
+    let (_, _) = wait_for(
+        "oom_kills_total{victim=runc_init} +1",
+        Duration::from_secs(5),
+        || (oom_kills(&hw, "runc_init") == 1.0).then_some(()),
+    );
+    let latency = killed_at.elapsed();
+    assert!(
+        latency <= Duration::from_secs(1),
+        "counted {latency:?} after the kill was seen"
+    );
+    let event = events(&hw)
+        .into_iter()
+        .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
+        .expect("the kill in /events");
+    assert_eq!(event["fields"]["comm"], "runc:[2:INIT]");
+    assert_eq!(event["oom"]["victim"], "runc_init");
+    assert_eq!(event["oom"]["memcg"], cgroup.kernel_path.as_str());
+    assert!(event["at"].is_string(), "{event}");
+
+    let (_, status) = hw.terminate();
+    assert!(status.success());
+    let again = Hangwatch::start(&config, dir.path());
+    wait_kernel_log_up(&again);
+    mark_read_position(&again);
+    assert_eq!(
+        oom_kills(&again, "runc_init"),
+        0.0,
+        "the kill was counted again after a restart"
+    );
+    assert!(
+        !events(&again).iter().any(|e| e["fields"]["pid"] == pid),
+        "the kill was replayed after a restart"
+    );
+}
+
+#[test]
+fn container_oom_through_private_dockerd_names_the_container() {
+    let _serial = exclusive();
+    let daemons = PrivateDaemons::start();
+    daemons.import_image("hwtest:oom", &[]);
+    let dir = TempDir::new("kernel-container-oom");
+    let config = daemons.hangwatch_config(dir.path(), "probes:\n  interval: 500ms\n");
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_kernel_log_up(&hw);
+
+    let output = daemons.docker(&[
+        "run",
+        "--name",
+        "oom-victim",
+        "--network",
+        "none",
+        "-m",
+        "20m",
+        "--memory-swap",
+        "20m",
+        "hwtest:oom",
+        "sh",
+        "-c",
+        "x=a; while true; do x=$x$x; done",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(137),
+        "the container was OOM-killed"
+    );
+    let id = daemons.docker_ok(&["inspect", "-f", "{{.Id}}", "oom-victim"]);
+    let (event, _) = wait_for(
+        "the container's OOM kill, named",
+        Duration::from_secs(15),
+        || {
+            events(&hw).into_iter().find(|e| {
+                e["rule"] == "oom_kill"
+                    && e["owner"]["container_id"] == id.as_str()
+                    && e["container_name"] == "oom-victim"
+            })
+        },
+    );
+    assert_eq!(event["oom"]["victim"], "container", "{event}");
+    assert_eq!(event["oom"]["constraint"], "memcg");
+    assert_eq!(event["oom"]["memcg"], format!("/docker/{id}"));
+    assert!(oom_kills(&hw, "container") >= 1.0);
+}
+
+#[test]
+fn missing_kernel_log_is_down_while_everything_else_works() {
+    let dir = TempDir::new("kernel-missing");
+    let config = kernel_only(
+        dir.path(),
+        "kernel_log:\n  path: /nonexistent/kmsg\n  retry_initial: 100ms\n  retry_max: 200ms\n",
+    );
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_for("kernel_log_up 0", Duration::from_secs(10), || {
+        (hw.metric("hangwatch_kernel_log_up", &[]) == Some(0.0)).then_some(())
+    });
+    let status = hw.status_json();
+    assert!(
+        status["kernel_log"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/nonexistent/kmsg")),
+        "{status}"
+    );
+    assert_eq!(
+        hw.get("/healthz").0,
+        200,
+        "a missing kernel log is not hangwatch failing"
+    );
+    assert!(hw.logs().contains("kernel log cannot be read"));
+    assert!(!hw.logs().contains("panicked"));
+}
+
+/// Restores a sysctl on drop.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).expect("read sysctl");
+        std::fs::write(path, value).expect("write sysctl");
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+/// The real thing: `/dev/kmsg` refused to an unprivileged hangwatch (dmesg_restrict).
+#[test]
+fn kernel_log_refused_by_the_kernel_is_down_with_eperm() {
+    let _serial = exclusive();
+    let dir = TempDir::new("kernel-eperm");
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown state dir");
+    let _restrict = Sysctl::set("/proc/sys/kernel/dmesg_restrict", "1");
+    let config = kernel_only(
+        dir.path(),
+        "kernel_log:\n  retry_initial: 100ms\n  retry_max: 200ms\n",
+    );
+    let hw = Hangwatch::start_with(&config, dir.path(), |command| {
+        command.uid(65534).gid(65534);
+    });
+    let (error, _) = wait_for(
+        "the kernel log reported down",
+        Duration::from_secs(10),
+        || {
+            let status = hw.status_json();
+            (status["kernel_log"]["up"] == false).then(|| {
+                status["kernel_log"]["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        },
+    );
+    assert!(error.to_lowercase().contains("not permitted"), "{error}");
+    assert_eq!(hw.metric("hangwatch_kernel_log_up", &[]), Some(0.0));
+    assert_eq!(hw.get("/healthz").0, 200);
+}
