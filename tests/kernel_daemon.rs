@@ -13,7 +13,7 @@ use serde_json::Value;
 use support::daemons::PrivateDaemons;
 use support::hangwatch::{Hangwatch, TempDir};
 use support::oom::{OomVictim, TestCgroup};
-use support::{exclusive, wait_for};
+use support::{Sysctl, exclusive, wait_for};
 
 /// hangwatch watching only the kernel log.
 fn kernel_only(state: &std::path::Path, extra: &str) -> String {
@@ -191,26 +191,6 @@ fn missing_kernel_log_is_down_while_everything_else_works() {
     );
     assert!(hw.logs().contains("kernel log cannot be read"));
     assert!(!hw.logs().contains("panicked"));
-}
-
-/// Restores a sysctl on drop.
-struct Sysctl {
-    path: &'static str,
-    old: String,
-}
-
-impl Sysctl {
-    fn set(path: &'static str, value: &str) -> Sysctl {
-        let old = std::fs::read_to_string(path).expect("read sysctl");
-        std::fs::write(path, value).expect("write sysctl");
-        Sysctl { path, old }
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path, self.old.trim());
-    }
 }
 
 /// The real thing: `/dev/kmsg` refused to an unprivileged hangwatch (dmesg_restrict).

@@ -25,7 +25,7 @@ use hangwatch::detectors::{Detector, DetectorContext};
 use hangwatch::heartbeat::Heartbeats;
 use hangwatch::signal::{self, Signal, SignalReceiver};
 use support::oom::{OomVictim, TestCgroup};
-use support::wait_for;
+use support::{Sysctl, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const KMSG: &str = "/dev/kmsg";
@@ -407,26 +407,6 @@ fn restart_neither_repeats_nor_misses_events() {
 }
 
 /// Sets a sysctl for the test and restores the old value however the test ends.
-struct SysctlGuard {
-    path: &'static str,
-    old: String,
-}
-
-impl SysctlGuard {
-    fn set(path: &'static str, value: &str) -> SysctlGuard {
-        let old = fs::read_to_string(path).unwrap().trim().to_string();
-        // The kernel's handler wants the value newline-terminated (EINVAL otherwise).
-        fs::write(path, format!("{value}\n")).unwrap();
-        SysctlGuard { path, old }
-    }
-}
-
-impl Drop for SysctlGuard {
-    fn drop(&mut self) {
-        fs::write(self.path, format!("{}\n", self.old)).unwrap();
-    }
-}
-
 /// The size of the kernel's log buffer (`log_buf_len`).
 fn kernel_log_buffer_size() -> usize {
     const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
@@ -474,7 +454,7 @@ fn overrun_counts_lost_records_exactly_from_the_seq_gap() {
     let _serial = serial();
     let buffer_size = kernel_log_buffer_size();
     assert!(buffer_size > 0);
-    let _unlimited = SysctlGuard::set("/proc/sys/kernel/printk_devkmsg", "on");
+    let _unlimited = Sysctl::set("/proc/sys/kernel/printk_devkmsg", "on");
 
     let mut attempts = 0;
     loop {

@@ -61,3 +61,28 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static TIMING: Mutex<()> = Mutex::new(());
     TIMING.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A kernel setting under `/proc/sys`, set for the life of the value and restored on drop
+/// (also when the test panics).
+pub struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    pub fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("read {path}: {e}"))
+            .trim()
+            .to_string();
+        // Some handlers (printk_devkmsg) want the value newline-terminated: EINVAL otherwise.
+        std::fs::write(path, format!("{value}\n")).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, format!("{}\n", self.old));
+    }
+}
