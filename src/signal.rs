@@ -6,6 +6,8 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::detectors::procscan::ScanReport;
+
 /// A container runtime hangwatch probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -128,6 +130,8 @@ pub enum Signal {
         finished: Instant,
         result: Result<(), ProbeFailure>,
     },
+    /// The result of one /proc scan: D-state tasks, frozen tasks, stuck runtime processes.
+    ProcScan(Box<ScanReport>),
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is

@@ -5,6 +5,8 @@
 //!
 //! [`Signal`]: crate::signal::Signal
 
+pub mod procscan;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,7 +43,6 @@ pub trait Detector: Send {
 /// Every detector enabled by `config`. One line per detector.
 pub fn registered(config: &Config) -> Vec<Box<dyn Detector>> {
     let mut all: Vec<Box<dyn Detector>> = Vec::new();
-    let _ = config;
-    all.shrink_to_fit();
+    all.extend(procscan::detector(config));
     all
 }
