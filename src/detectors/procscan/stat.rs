@@ -82,7 +82,6 @@ impl Comm {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
-
 }
 
 /// Lossy: comm is bytes, and may not be UTF-8.
