@@ -34,7 +34,11 @@ pub fn helper_binary(name: &str) -> PathBuf {
 
 /// Poll `check` until it returns Some or `deadline` passes. Returns the value and how long it
 /// took; panics with `what` on timeout.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {
