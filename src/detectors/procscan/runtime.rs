@@ -122,7 +122,7 @@ pub fn examine(proc_root: &Path, pid: i32) -> Examination {
                 .flatten()
                 .filter_map(|e| parse_pid(e.file_name().as_encoded_bytes()));
             for tid in tids {
-                match examine_thread(&dir, pid, tid) {
+                match examine_thread(&dir, tid) {
                     Ok(thread) => threads.push(thread),
                     Err(e) => note(e),
                 }
@@ -144,6 +144,16 @@ pub fn examine(proc_root: &Path, pid: i32) -> Examination {
         Err(e) => note(e),
     }
     let cgroup = read_text(&dir.join("cgroup")).map_err(&mut note).ok();
+    // Reading `mem` takes the mm lock, which a thread in D may hold: then the blocked open's
+    // path stays unknown rather than risk a blocked reader.
+    let memory_readable = !threads.iter().any(|(t, _)| t.state == 'D');
+    let mut threads: Vec<ThreadEvidence> = threads
+        .into_iter()
+        .map(|(mut thread, call)| {
+            thread.opening = call.map(|c| blocked_open(&dir, pid, &c, memory_readable));
+            thread
+        })
+        .collect();
     threads.sort_by_key(|t| t.tid);
     fifo_fds.sort();
     Examination {
@@ -154,7 +164,11 @@ pub fn examine(proc_root: &Path, pid: i32) -> Examination {
     }
 }
 
-fn examine_thread(process_dir: &Path, pid: i32, tid: i32) -> std::io::Result<ThreadEvidence> {
+/// One thread's state, wchan and system call; with the `openat` it is sleeping in, if any.
+fn examine_thread(
+    process_dir: &Path,
+    tid: i32,
+) -> std::io::Result<(ThreadEvidence, Option<SyscallInProgress>)> {
     let task_dir = process_dir.join("task").join(tid.to_string());
     let stat = read_text(&task_dir.join("stat"))?;
     let state = parse_stat(stat.as_bytes()).map_or('?', |s| char::from(s.state));
@@ -163,21 +177,25 @@ fn examine_thread(process_dir: &Path, pid: i32, tid: i32) -> std::io::Result<Thr
         .ok()
         .and_then(|line| parse_syscall(&line));
     let sleeping = matches!(state, 'S' | 'D');
-    let opening = syscall
-        .filter(|s| sleeping && s.number == nix::libc::SYS_openat as u64)
-        .map(|s| blocked_open(process_dir, pid, &s));
-    Ok(ThreadEvidence {
+    let open_call = syscall.filter(|s| sleeping && s.number == nix::libc::SYS_openat as u64);
+    let thread = ThreadEvidence {
         tid,
         state,
         wchan,
         syscall: syscall.map(|s| s.number),
-        opening,
+        opening: None,
         seconds_in_d: None,
-    })
+    };
+    Ok((thread, open_call))
 }
 
 /// `openat(dirfd, path, flags, mode)` that has not returned.
-fn blocked_open(process_dir: &Path, pid: i32, call: &SyscallInProgress) -> BlockedOpen {
+fn blocked_open(
+    process_dir: &Path,
+    pid: i32,
+    call: &SyscallInProgress,
+    memory_readable: bool,
+) -> BlockedOpen {
     let [dirfd, path_address, flags, ..] = call.args;
     // The syscall file prints the int argument zero-extended: take its low 32 bits.
     let dirfd = dirfd as u32 as i32;
@@ -186,8 +204,9 @@ fn blocked_open(process_dir: &Path, pid: i32, call: &SyscallInProgress) -> Block
         nix::libc::O_WRONLY => Direction::Write,
         _ => Direction::ReadWrite,
     };
-    let path = read_c_string(&process_dir.join("mem"), path_address)
-        .ok()
+    let path = memory_readable
+        .then(|| read_c_string(&process_dir.join("mem"), path_address).ok())
+        .flatten()
         .and_then(|raw| resolve_path(process_dir, pid, dirfd, &raw));
     BlockedOpen { path, direction }
 }
@@ -310,6 +329,60 @@ mod tests {
             wchan_name("wait_for_partner".into()).as_deref(),
             Some("wait_for_partner")
         );
+    }
+
+    /// A fake process: `runc` with an S thread blocked in openat on a path stored in `mem`
+    /// at 0x100, and optionally a second thread in D.
+    fn fake_runc(with_d_thread: bool) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!(
+            "procscan-exam-{}-{with_d_thread}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let stat = |tid: i32, state: char| {
+            format!("{tid} (runc) {state} 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 2 0 5 0 0\n")
+        };
+        let mut threads = vec![(7, 'S', "257 0xffffff9c 0x100 0x0 0x0 0x0 0x0 0x7ff0 0x4000")];
+        if with_d_thread {
+            threads.push((8, 'D', "running"));
+        }
+        for (tid, state, syscall) in threads {
+            let dir = root.join(format!("7/task/{tid}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("stat"), stat(tid, state)).unwrap();
+            std::fs::write(dir.join("wchan"), "wait_for_partner").unwrap();
+            std::fs::write(dir.join("syscall"), syscall).unwrap();
+        }
+        let mut mem = vec![0u8; 0x100];
+        mem.extend_from_slice(b"/run/runc/c1/exec.fifo\0");
+        std::fs::write(root.join("7/mem"), mem).unwrap();
+        std::fs::create_dir_all(root.join("7/fd")).unwrap();
+        root
+    }
+
+    #[test]
+    fn blocked_open_path_is_read_from_memory() {
+        let root = fake_runc(false);
+        let exam = examine(&root, 7);
+        std::fs::remove_dir_all(&root).unwrap();
+        let opening = exam.threads[0].opening.as_ref().unwrap();
+        assert_eq!(opening.path.as_deref(), Some("/run/runc/c1/exec.fifo"));
+        assert_eq!(opening.direction, Direction::Read);
+        let fifo = exam.exec_fifo().unwrap();
+        assert_eq!(fifo.container_id.as_deref(), Some("c1"));
+        assert!(!fifo.held);
+        assert!(exam.touches("/run/runc/c1/exec.fifo"));
+    }
+
+    #[test]
+    fn memory_is_not_read_while_a_thread_is_in_d() {
+        let root = fake_runc(true);
+        let exam = examine(&root, 7);
+        std::fs::remove_dir_all(&root).unwrap();
+        let opening = exam.threads[0].opening.as_ref().unwrap();
+        assert_eq!(opening.path, None);
+        assert_eq!(exam.threads[1].state, 'D');
+        assert_eq!(exam.exec_fifo(), None);
     }
 
     #[test]
