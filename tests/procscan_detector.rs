@@ -92,11 +92,13 @@ fn scans_off_the_async_thread_report_and_stop_promptly() {
         let longest_scan = reports.iter().map(|r| r.duration_seconds).fold(0.0, f64::max);
         assert!(reports.iter().all(|r| r.tasks_scanned > 8000));
         assert!(
-            longest_scan > 0.1,
+            longest_scan > 0.04,
             "scans too short ({longest_scan} s) to show a blocked runtime"
         );
+        // A scan on the async thread would delay a timer by up to a whole scan.
+        let bound = Duration::from_millis(100).min(Duration::from_secs_f64(longest_scan / 2.0));
         assert!(
-            worst_lateness < Duration::from_millis(100),
+            worst_lateness < bound,
             "timers ran {worst_lateness:?} late during scans of up to {longest_scan} s"
         );
         assert!(heartbeats.stale().is_empty());

@@ -231,8 +231,8 @@ fn durations_accumulate_across_scans_of_the_same_tree() {
     config.proc_scan.cgroup_root = root.join("cgroup");
     config.proc_scan.stuck_after = Duration::from_millis(50);
     let mut scanner = ProcScanner::new(&config);
-    let first = scanner.scan();
     let first_seen = Instant::now();
+    let first = scanner.scan();
     assert!(first.stuck_tasks.is_empty());
     assert_eq!(first.dstate_not_stuck, 4);
     let (second, _) = support::wait_for(

@@ -29,7 +29,7 @@ use cgroups::{CgroupLayout, FrozenCache, TaskCgroup, v1_frozen, v2_frozen};
 use deadline::{DeadlineRunner, NotRun};
 use files::{is_vanished, read_text};
 use runtime::{Examination, examine, is_runtime_comm, is_shim_comm, runc_kind, wchan_name};
-use stat::{Comm, parse_stat};
+use stat::Comm;
 use tracker::{DStateTracker, TaskKey};
 use walk::{WalkCounts, Walker};
 
@@ -38,12 +38,7 @@ pub use report::{
     BlockedOpen, ContainerDState, Direction, ExecFifo, FrozenContainer, FrozenTasks, RuntimeKind,
     ScanErrors, ScanReport, Scope, ScopeCounts, StuckRuntimeProcess, StuckTask, ThreadEvidence,
 };
-pub use stat::TaskStat;
-
-/// Parse one task's `stat` line (exposed for fuzzing).
-pub fn parse_task_stat(line: &[u8]) -> Option<TaskStat<'_>> {
-    parse_stat(line)
-}
+pub use stat::{TaskStat, parse_stat};
 
 /// Reader threads that may stay blocked in a read that missed its deadline; also the number
 /// of timeouts after which a scan stops attempting detail reads.
@@ -55,7 +50,6 @@ struct DTask {
     pid: i32,
     tid: i32,
     starttime: u64,
-    state: u8,
     comm: Comm,
 }
 
@@ -110,8 +104,8 @@ impl ProcScanner {
         }
     }
 
-    /// Scan every task once. Takes at most the walk plus `MAX_ABANDONED_READERS *
-    /// read_deadline` however the kernel behaves; never panics on what /proc contains.
+    /// Scan every task once. However the kernel behaves, at most `MAX_ABANDONED_READERS`
+    /// detail reads wait out `read_deadline`; never panics on what /proc contains.
     pub fn scan(&mut self) -> ScanReport {
         let started = Instant::now();
         self.runner.begin_scan();
@@ -168,7 +162,6 @@ impl ProcScanner {
                     pid: task.pid,
                     tid: task.tid,
                     starttime: stat.starttime,
-                    state: stat.state,
                     comm: Comm::new(stat.comm),
                 });
             }
@@ -250,7 +243,7 @@ fn classify_d_tasks(
             pid: task.pid,
             tid: task.tid,
             comm: task.comm.to_string(),
-            state: char::from(task.state),
+            state: 'D',
             wchan,
             kernel_stack,
             seconds_in_d: in_d.as_secs_f64(),

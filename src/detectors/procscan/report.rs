@@ -87,6 +87,7 @@ pub struct StuckTask {
     pub pid: i32,
     pub tid: i32,
     pub comm: String,
+    /// `D`: the state the walk saw.
     pub state: char,
     /// Kernel function it sleeps in; None when unreadable or not sleeping.
     pub wchan: Option<String>,
