@@ -11,6 +11,7 @@
 
 mod support;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -248,4 +249,89 @@ fn durations_accumulate_across_scans_of_the_same_tree() {
     assert!(second.stuck_tasks.iter().all(|t| t.seconds_in_d >= 0.05));
     let container = &second.containers[0];
     assert!(container.max_seconds_in_d >= 0.05);
+}
+
+/// A detail read that never returns: a task whose `cgroup` file is a fifo with no writer, so
+/// opening it blocks like a read stuck on a kernel lock. Each scan loses at most one
+/// `read_deadline` to it, and once `MAX_ABANDONED_READERS` (4) readers are stuck the scanner
+/// stops trying until they come back.
+#[test]
+fn a_hung_detail_read_never_hangs_the_scan() {
+    let root = std::env::temp_dir().join(format!("procscan-hung-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let task = root.join("proc/50/task/50");
+    std::fs::create_dir_all(&task).unwrap();
+    std::fs::write(root.join("proc/uptime"), "100.00 150.00\n").unwrap();
+    std::fs::write(
+        task.join("stat"),
+        "50 (app) D 1 50 50 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 900 0 0\n",
+    )
+    .unwrap();
+    std::fs::write(task.join("wchan"), "folio_wait_bit_common").unwrap();
+    let cgroup = task.join("cgroup");
+    nix::unistd::mkfifo(&cgroup, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+
+    let read_deadline = Duration::from_millis(200);
+    let mut config = Config::default();
+    config.proc_scan.proc_root = root.join("proc");
+    config.proc_scan.cgroup_root = root.join("cgroup");
+    config.proc_scan.stuck_after = Duration::ZERO;
+    config.proc_scan.read_deadline = read_deadline;
+    let mut scanner = ProcScanner::new(&config);
+    for abandoned in 1..=4 {
+        let start = Instant::now();
+        let report = scanner.scan();
+        let took = start.elapsed();
+        assert!(
+            took >= read_deadline && took < read_deadline * 5,
+            "{took:?}"
+        );
+        assert_eq!(report.errors.detail_timeouts, 1);
+        assert_eq!(report.errors.abandoned_readers, abandoned);
+        let stuck = &report.stuck_tasks[0];
+        assert!(!stuck.owner.is_container());
+        if abandoned < 4 {
+            // The rest of the scan went on with a fresh reader.
+            assert_eq!(stuck.wchan.as_deref(), Some("folio_wait_bit_common"));
+        } else {
+            // At the cap: wchan and stack are not attempted.
+            assert_eq!(
+                (stuck.wchan.as_deref(), report.errors.detail_skipped),
+                (None, 2)
+            );
+        }
+    }
+    let start = Instant::now();
+    let report = scanner.scan();
+    assert!(start.elapsed() < read_deadline, "at the cap nothing waits");
+    assert_eq!(report.errors.detail_timeouts, 0);
+    assert!(report.errors.detail_skipped >= 1);
+    assert_eq!(report.stuck_tasks.len(), 1, "the task is still reported");
+
+    // The reads come back: the stuck readers exit and attribution works again.
+    let id = "c".repeat(64);
+    let replacement = root.join("cgroup.new");
+    std::fs::write(
+        &replacement,
+        format!("0::/system.slice/docker-{id}.scope\n"),
+    )
+    .unwrap();
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&cgroup)
+        .expect("readers are waiting on the fifo");
+    std::fs::rename(&replacement, &cgroup).unwrap();
+    drop(writer);
+    let (report, _) = support::wait_for("the readers to recover", Duration::from_secs(10), || {
+        let report = scanner.scan();
+        (report.errors.abandoned_readers == 0 && report.stuck_tasks[0].owner.is_container())
+            .then_some(report)
+    });
+    assert_eq!(
+        report.stuck_tasks[0].owner.container_id.as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(report.errors.total(), 0);
+    std::fs::remove_dir_all(&root).unwrap();
 }
