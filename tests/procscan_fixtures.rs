@@ -126,6 +126,23 @@ fn v2_kubepods_node_reports_stuck_runc_init_and_shim() {
     );
     assert_eq!(report.runtime_count(RuntimeKind::Runc), 1);
 
+    // The serialized form carries the label values the engine uses.
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["runtime_processes"][0]["kind"], "runc");
+    assert_eq!(json["runtime_processes"][1]["kind"], "runc_init");
+    assert_eq!(
+        json["runtime_processes"][1]["threads"][0]["opening"]["direction"],
+        "write"
+    );
+    let mut scopes: Vec<&str> = json["stuck_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["scope"].as_str())
+        .collect();
+    scopes.sort();
+    assert_eq!(scopes, ["container", "container", "host", "runtime"]);
+
     let runc = &report.runtime_processes[0];
     assert_eq!(runc.age_seconds, 50_000.0);
     assert_eq!(runc.threads.len(), 2);

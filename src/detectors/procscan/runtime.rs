@@ -6,7 +6,10 @@
 //! `syscall` file reads `257 0xffffff9c <path pointer> <flags> ...`. It has no descriptor for
 //! the fifo yet, so `fd/` cannot name it; the path pointer can be read from `/proc/<pid>/mem`
 //! (root), and flags tell the direction. runc's init holds the fifo as an `O_PATH` descriptor
-//! and opens `/proc/self/fd/N` for writing, which resolves through its `fd/` links.
+//! and opens `/proc/self/fd/N` for writing, which resolves through its `fd/` links. Newer runc
+//! opens the fifo on a separate thread, so every thread is examined. Without ptrace access the
+//! path stays unknown; runc's arguments (`--root <dir> start <id>`: `<dir>/<id>/exec.fifo`)
+//! would name it, but are not read.
 
 use std::path::Path;
 
