@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::config::Severity;
 use crate::detectors::kernel as kernel_log;
 use crate::detectors::probe;
+use crate::detectors::procscan::{ProcScanner, ScanReport, Scope};
 use crate::engine::incidents::Incident;
 use crate::engine::runtime::RuntimeState;
 use crate::engine::{Engine, Snapshot};
@@ -23,6 +24,9 @@ use crate::signal::{ProbeFailure, Runtime, Signal, Unreachable};
 /// Extra wait past the stall threshold so a call stuck right at the threshold is judged
 /// stalled rather than racing it.
 const STALL_MARGIN: Duration = Duration::from_millis(200);
+
+/// How long a task must stay in D to be listed by `check`.
+const CHECK_DSTATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Incidents and kernel events shown in the report.
 const RECENT_INCIDENTS: usize = 5;
@@ -108,6 +112,11 @@ pub async fn run(config: Config) -> CheckReport {
         None
     };
 
+    let scan = config.proc_scan.enabled.then(|| {
+        let scan_config = config.clone();
+        tokio::task::spawn_blocking(move || scan_twice(&scan_config))
+    });
+
     let give_up = tokio::time::Instant::now() + config.probes.stall_threshold + STALL_MARGIN;
     while outstanding > 0 {
         match tokio::time::timeout_at(give_up, done_rx.recv()).await {
@@ -144,9 +153,26 @@ pub async fn run(config: Config) -> CheckReport {
             Err(e) => unchecked.push(format!("kernel log: {e}")),
         }
     }
+    if let Some(scan) = scan {
+        match scan.await {
+            Ok(report) => engine.apply(Signal::ProcScan(Box::new(report))),
+            Err(e) => unchecked.push(format!("/proc scan: {e}")),
+        }
+    }
     engine.evaluate(Instant::now());
     let snapshot = snapshot.borrow().as_ref().clone();
     report(snapshot, &denied, unchecked)
+}
+
+/// Two scans `CHECK_DSTATE_WINDOW` apart: tasks in D in both are reported (a one-shot check
+/// cannot know how long before that they went in).
+fn scan_twice(config: &Config) -> ScanReport {
+    let mut config = config.clone();
+    config.proc_scan.stuck_after = CHECK_DSTATE_WINDOW;
+    let mut scanner = ProcScanner::new(&config);
+    scanner.scan();
+    std::thread::sleep(CHECK_DSTATE_WINDOW);
+    scanner.scan()
 }
 
 /// `denied`: runtimes whose socket hangwatch may not open: not checked, so not a problem.
@@ -172,6 +198,7 @@ fn report(snapshot: Snapshot, denied: &[Runtime], mut unchecked: Vec<String>) ->
     problems.sort_by_key(|(state, _)| std::cmp::Reverse(severity(*state)));
     let mut problems: Vec<String> = problems.into_iter().map(|(_, p)| p).collect();
     problems.extend(kernel_problems(&snapshot));
+    problems.extend(proc_problems(&snapshot));
     let incidents: Vec<Incident> = snapshot
         .incidents
         .iter()
@@ -221,6 +248,46 @@ fn kernel_problems(snapshot: &Snapshot) -> Vec<String> {
             ));
         }
     }
+    problems
+}
+
+/// Stuck runtime processes (the runc fifo hang and its mirror) and runtime tasks in D.
+fn proc_problems(snapshot: &Snapshot) -> Vec<String> {
+    let Some(scan) = &snapshot.proc_scan else {
+        return Vec::new();
+    };
+    let report = &scan.report;
+    let mut problems: Vec<String> = report
+        .runtime_processes
+        .iter()
+        .map(|p| {
+            let fifo = p
+                .exec_fifo
+                .as_ref()
+                .map(|f| format!(" on {}", f.path))
+                .unwrap_or_default();
+            format!(
+                "{} pid {} stuck{fifo}, alive {:.0}s ({})",
+                p.comm,
+                p.pid,
+                p.age_seconds,
+                p.kind.as_str()
+            )
+        })
+        .collect();
+    problems.extend(
+        report
+            .stuck_tasks
+            .iter()
+            .filter(|t| t.scope == Scope::Runtime)
+            .map(|t| {
+                let wchan = t.wchan.as_deref().unwrap_or("?");
+                format!(
+                    "runtime task {} pid {} tid {} in D ({wchan})",
+                    t.comm, t.pid, t.tid
+                )
+            }),
+    );
     problems
 }
 
@@ -310,6 +377,42 @@ impl CheckReport {
                 event.rule, event.message
             );
         }
+        if let Some(scan) = &self.snapshot.proc_scan {
+            let report = &scan.report;
+            let _ = writeln!(
+                out,
+                "\n/proc\n  {} tasks scanned in {:.0} ms; {} in D for {}s or more, {} frozen (paused)",
+                report.tasks_scanned,
+                report.duration_seconds * 1000.0,
+                report.stuck_tasks.len(),
+                CHECK_DSTATE_WINDOW.as_secs(),
+                report.frozen.tasks
+            );
+            for task in report.stuck_tasks.iter().take(RECENT_KERNEL_EVENTS) {
+                let whose = match task.owner.container_id.as_deref() {
+                    Some(id) => format!("container {}", scan.container_label(id)),
+                    None => task.scope.as_str().to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  D  {:<16} pid {:<7} tid {:<7} {:<22} {whose}",
+                    task.comm,
+                    task.pid,
+                    task.tid,
+                    task.wchan.as_deref().unwrap_or("?")
+                );
+            }
+            for process in &report.runtime_processes {
+                let _ = writeln!(
+                    out,
+                    "  stuck {:<10} {} pid {} alive {:.0}s",
+                    process.kind.as_str(),
+                    process.comm,
+                    process.pid,
+                    process.age_seconds
+                );
+            }
+        }
         if !self.incidents.is_empty() {
             let _ = writeln!(out, "\nRecent incidents");
             let now = std::time::SystemTime::now();
@@ -344,6 +447,7 @@ mod tests {
             generated_at: std::time::SystemTime::now(),
             runtimes,
             kernel_log: Arc::default(),
+            proc_scan: None,
             incidents: Arc::default(),
         }
     }

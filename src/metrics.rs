@@ -18,6 +18,11 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 /// Content type of [`Metrics::encode_classic`] (curl, promtool, older scrapers).
 pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// /proc scan duration buckets: 1 ms to 10 s.
+const SCAN_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
 /// Probe latency buckets: 1 ms to 60 s.
 const PROBE_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -76,6 +81,19 @@ pub struct OomLabels {
     pub constraint: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ContainerLabels {
+    pub container_id: String,
+    pub container_name: String,
+    pub pod: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn probe_histogram() -> Histogram {
@@ -103,6 +121,14 @@ pub struct Metrics {
     pub kernel_log_lost_records_total: Counter,
     pub kernel_log_ignored_records_total: Counter,
     pub kernel_log_malformed_records_total: Counter,
+    pub dstate_tasks: Family<ScopeLabels, Gauge>,
+    pub frozen_tasks: Gauge,
+    pub container_dstate_tasks: Family<ContainerLabels, Gauge>,
+    pub container_dstate_max_seconds: Family<ContainerLabels, FloatGauge>,
+    pub stuck_runtime_processes: Family<KindLabels, Gauge>,
+    pub proc_scan_duration_seconds: Histogram,
+    pub proc_scan_tasks: Gauge,
+    pub proc_scan_errors_total: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -136,6 +162,14 @@ impl Metrics {
             kernel_log_lost_records_total: Counter::default(),
             kernel_log_ignored_records_total: Counter::default(),
             kernel_log_malformed_records_total: Counter::default(),
+            dstate_tasks: Family::default(),
+            frozen_tasks: Gauge::default(),
+            container_dstate_tasks: Family::default(),
+            container_dstate_max_seconds: Family::default(),
+            stuck_runtime_processes: Family::default(),
+            proc_scan_duration_seconds: Histogram::new(SCAN_BUCKETS),
+            proc_scan_tasks: Gauge::default(),
+            proc_scan_errors_total: Family::default(),
             registry,
         };
         m.registry.register(
@@ -233,6 +267,46 @@ impl Metrics {
             "hangwatch_kernel_log_malformed_records",
             "Kernel log records that did not parse",
             m.kernel_log_malformed_records_total.clone(),
+        );
+        r.register(
+            "hangwatch_dstate_tasks",
+            "Tasks stuck in uninterruptible sleep (D) past proc_scan.stuck_after, frozen ones excluded, by scope",
+            m.dstate_tasks.clone(),
+        );
+        r.register(
+            "hangwatch_frozen_tasks",
+            "Tasks in D because their cgroup is frozen (paused containers): expected, not stuck",
+            m.frozen_tasks.clone(),
+        );
+        r.register(
+            "hangwatch_container_dstate_tasks",
+            "Stuck D-state tasks per container; only containers that have some",
+            m.container_dstate_tasks.clone(),
+        );
+        r.register(
+            "hangwatch_container_dstate_max_seconds",
+            "Longest time one of the container's tasks has been in D; only containers with stuck tasks",
+            m.container_dstate_max_seconds.clone(),
+        );
+        r.register(
+            "hangwatch_stuck_runtime_processes",
+            "Runtime processes stuck (runc on its exec.fifo, runc:[2:INIT] waiting, shim in D), by kind",
+            m.stuck_runtime_processes.clone(),
+        );
+        r.register(
+            "hangwatch_proc_scan_duration_seconds",
+            "Duration of one /proc scan",
+            m.proc_scan_duration_seconds.clone(),
+        );
+        r.register(
+            "hangwatch_proc_scan_tasks",
+            "Tasks (threads) read by the last /proc scan",
+            m.proc_scan_tasks.clone(),
+        );
+        r.register(
+            "hangwatch_proc_scan_errors",
+            "/proc scan problems, by kind (vanished tasks are not counted)",
+            m.proc_scan_errors_total.clone(),
         );
         m
     }

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use crate::actions::dumps::DumpEvent;
 use crate::containers::ContainerInfo;
 use crate::detectors::kernel::{KernelEvent, KernelLogCounters};
+use crate::detectors::procscan::ScanReport;
 
 /// A container runtime hangwatch probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -150,6 +151,8 @@ pub enum Signal {
         error: String,
         retry_in: Option<Duration>,
     },
+    /// The result of one /proc scan: D-state tasks, frozen tasks, stuck runtime processes.
+    ProcScan(Box<ScanReport>),
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is

@@ -63,8 +63,10 @@ fn read_request(stream: &mut UnixStream) {
     let _ = stream.read(&mut buf);
 }
 
-const THRESHOLDS: &str =
-    "probes:\n  interval: 300ms\n  slow_threshold: 500ms\n  stall_threshold: 1s\n  deadline: 2s\n";
+/// Fast probes; the kernel log and /proc are shared with tests that cause real OOM kills
+/// and stuck tasks, and are not what these tests are about.
+const THRESHOLDS: &str = "probes:\n  interval: 300ms\n  slow_threshold: 500ms\n  stall_threshold: 1s\n  deadline: 2s\n\
+kernel_log:\n  enabled: false\nproc_scan:\n  enabled: false\n";
 
 fn docker_config(dir: &Path, socket: &Path, mode: &str) -> PathBuf {
     let config = dir.join("config.yaml");

@@ -174,16 +174,18 @@ fn missing_kernel_log_is_down_while_everything_else_works() {
         "kernel_log:\n  path: /nonexistent/kmsg\n  retry_initial: 100ms\n  retry_max: 200ms\n",
     );
     let hw = Hangwatch::start(&config, dir.path());
-    wait_for("kernel_log_up 0", Duration::from_secs(10), || {
-        (hw.metric("hangwatch_kernel_log_up", &[]) == Some(0.0)).then_some(())
-    });
-    let status = hw.status_json();
-    assert!(
-        status["kernel_log"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("/nonexistent/kmsg")),
-        "{status}"
+    // kernel_log_up starts at 0: wait for the detector's own report instead.
+    wait_for(
+        "the kernel log reported down",
+        Duration::from_secs(10),
+        || {
+            let status = hw.status_json();
+            let error = status["kernel_log"]["error"].as_str()?.to_string();
+            (status["kernel_log"]["up"] == false && error.contains("/nonexistent/kmsg"))
+                .then_some(())
+        },
     );
+    assert_eq!(hw.metric("hangwatch_kernel_log_up", &[]), Some(0.0));
     assert_eq!(
         hw.get("/healthz").0,
         200,

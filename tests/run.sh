@@ -27,6 +27,6 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test"
 # Each integration test starts its own private daemons; two at a time fits a 2-core machine.
-cargo test --all-targets -- --test-threads="${HANGWATCH_TEST_THREADS:-2}"
+cargo test -- --test-threads="${HANGWATCH_TEST_THREADS:-2}"
 
 step "all checks passed"

@@ -7,6 +7,7 @@
 
 pub mod kernel;
 pub mod probe;
+pub mod procscan;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,5 +47,6 @@ pub fn registered(config: &Config) -> Vec<Box<dyn Detector>> {
     let mut all: Vec<Box<dyn Detector>> = Vec::new();
     all.extend(probe::detectors(config));
     all.extend(kernel::detector(config));
+    all.extend(procscan::detector(config));
     all
 }

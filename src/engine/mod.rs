@@ -6,6 +6,7 @@
 pub mod dump_policy;
 pub mod incidents;
 pub mod kernel;
+pub mod procscan;
 pub mod runtime;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::signal::{ProbeFailure, Runtime, Signal, SignalReceiver, SignalSender}
 use dump_policy::{Decision, DumpPolicy};
 use incidents::{Change, DumpStatus, Evidence, Incident, IncidentBook, Observation};
 use kernel::{KernelState, KernelStatus};
+use procscan::{ProcScanState, ProcScanView};
 use runtime::{OperationStatus, RuntimeState, RuntimeTracker, Verdict};
 
 /// What the HTTP server and `check` read: an immutable picture of the current state.
@@ -43,6 +45,8 @@ pub struct Snapshot {
     pub generated_at: SystemTime,
     pub runtimes: Vec<RuntimeStatus>,
     pub kernel_log: Arc<KernelStatus>,
+    /// The latest /proc scan; None until the first one.
+    pub proc_scan: Option<Arc<ProcScanView>>,
     /// Newest first. Shared: rebuilt only when an incident changes.
     #[serde(skip)]
     pub incidents: Arc<Vec<Incident>>,
@@ -103,6 +107,8 @@ pub struct Engine {
     /// The kernel status changed since it was last published.
     kernel_dirty: bool,
     kernel_published_at: Instant,
+    proc_scan: ProcScanState,
+    proc_published: Option<Arc<ProcScanView>>,
     /// Container ids looked up recently, so an unknown id is not asked about again and again.
     resolving: HashMap<String, Instant>,
     actions: Option<Actions>,
@@ -145,6 +151,7 @@ impl Engine {
             generated_at: SystemTime::now(),
             runtimes: Vec::new(),
             kernel_log: Arc::default(),
+            proc_scan: None,
             incidents: incidents_published.clone(),
         });
         let (snapshot, receiver) = watch::channel(initial);
@@ -162,6 +169,8 @@ impl Engine {
             kernel_published: Arc::default(),
             kernel_dirty: true,
             kernel_published_at: now,
+            proc_scan: ProcScanState::default(),
+            proc_published: None,
             resolving: HashMap::new(),
             actions,
             snapshot,
@@ -240,6 +249,9 @@ impl Engine {
                     .get_or_create(&ScopeLabels { scope })
                     .get();
             }
+        }
+        if self.config.proc_scan.enabled {
+            ProcScanState::initialise(&self.metrics);
         }
         for daemon in self.enabled_daemons() {
             for result in ["ok", "timeout", "failed", "cooldown"] {
@@ -356,6 +368,7 @@ impl Engine {
                 self.kernel.status.error = None;
                 self.kernel_dirty = true;
             }
+            Signal::ProcScan(report) => self.apply_scan(*report),
             Signal::KernelLogDown { error, .. } => {
                 self.metrics.kernel_log_up.set(0);
                 self.kernel.status.up = Some(false);
@@ -363,6 +376,22 @@ impl Engine {
                 self.kernel_dirty = true;
             }
         }
+    }
+
+    fn apply_scan(&mut self, report: crate::detectors::procscan::ScanReport) {
+        let applied = self
+            .proc_scan
+            .apply(report, &self.metrics, &self.containers);
+        for id in applied.unknown_containers {
+            self.resolve_container(id);
+        }
+        let mut changes = Vec::new();
+        for evidence in applied.evidence {
+            changes.extend(self.incidents.add_evidence(evidence));
+        }
+        self.proc_published = Some(Arc::new(applied.view));
+        self.record_incident_changes(changes);
+        self.publish(Instant::now());
     }
 
     fn apply_kernel_counters(&mut self, counters: &KernelLogCounters) {
@@ -754,6 +783,7 @@ impl Engine {
             generated_at: SystemTime::now(),
             runtimes,
             kernel_log: self.kernel_published.clone(),
+            proc_scan: self.proc_published.clone(),
             incidents: self.incidents_published.clone(),
         }));
     }

@@ -2,6 +2,7 @@
 //! `Tasks.List` in each configured namespace.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
@@ -30,31 +31,41 @@ pub fn operations(namespaces: &[String]) -> Vec<Operation> {
 pub struct ContainerdClient {
     socket: PathBuf,
     namespaces: Vec<String>,
-    /// Connects lazily and reconnects by itself; calls are bounded by the probe deadline.
-    channel: Channel,
+    deadline: Duration,
+    /// Made on first use: tonic spawns its connection task when the channel is built, which
+    /// needs the async runtime. It connects lazily and reconnects by itself.
+    channel: Arc<OnceLock<Channel>>,
 }
 
 impl ContainerdClient {
     pub fn new(config: &ContainerdConfig, deadline: Duration) -> ContainerdClient {
-        let socket = config.socket.clone();
-        let connect_path = socket.clone();
-        // The URI is required by tonic but unused: the connector dials the unix socket.
-        let channel = Endpoint::from_static("http://containerd.sock")
-            .connect_timeout(deadline)
-            .timeout(deadline)
-            .connect_with_connector_lazy(tower::service_fn(move |_| {
-                let path = connect_path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(TokioIo::new)
-                }
-            }));
         ContainerdClient {
-            socket,
+            socket: config.socket.clone(),
             namespaces: config.namespaces.clone(),
-            channel,
+            deadline,
+            channel: Arc::default(),
         }
+    }
+
+    /// The channel; call from within the async runtime.
+    fn channel(&self) -> Channel {
+        self.channel
+            .get_or_init(|| {
+                let path = self.socket.clone();
+                // The URI is required by tonic but unused: the connector dials the unix socket.
+                Endpoint::from_static("http://containerd.sock")
+                    .connect_timeout(self.deadline)
+                    .timeout(self.deadline)
+                    .connect_with_connector_lazy(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(TokioIo::new)
+                        }
+                    }))
+            })
+            .clone()
     }
 }
 
@@ -66,10 +77,7 @@ impl ContainerdClient {
         let mut last = ProbeFailure::Error(format!("container {id} not found"));
         for namespace in &self.namespaces {
             let request = namespaced(GetContainerRequest { id: id.to_string() }, namespace)?;
-            match ContainersClient::new(self.channel.clone())
-                .get(request)
-                .await
-            {
+            match ContainersClient::new(self.channel()).get(request).await {
                 Ok(response) => {
                     if let Some(c) = response.into_inner().container {
                         let name = c.labels.get(LABEL_CONTAINER_NAME).cloned();
@@ -121,10 +129,11 @@ impl RuntimeClient for ContainerdClient {
     }
 
     fn call(&self, operation: &Operation) -> ProbeCall {
-        let channel = self.channel.clone();
+        let client = self.clone();
         let socket = self.socket.clone();
         let operation = operation.clone();
         Box::pin(async move {
+            let channel = client.channel();
             // Checked up front: tonic reports a missing socket only as a transport error.
             socket_present(&socket)?;
             match operation {
