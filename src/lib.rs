@@ -6,3 +6,4 @@ pub mod config;
 pub mod detectors;
 pub mod heartbeat;
 pub mod signal;
+pub mod triage;
