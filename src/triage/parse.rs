@@ -148,10 +148,11 @@ impl DumpParser {
             return;
         };
         let indented = line.starts_with(['\t', ' ']);
-        if matches!(
+        let expects_location = matches!(
             current.expect,
             Expect::FrameLocation | Expect::CreatorLocation
-        ) {
+        );
+        if expects_location {
             let of_frame = current.expect == Expect::FrameLocation;
             current.expect = Expect::FunctionOrEnd;
             if indented {
@@ -161,11 +162,12 @@ impl DumpParser {
                 }
                 return;
             }
-            // The location line is missing; read this line as the next frame.
-            self.stats.malformed_lines += 1;
         }
+        // The line is counted once as malformed: for standing where a location belongs, or
+        // for fitting no rule (it is still read as a frame when it is one).
+        let mut malformed = expects_location;
         if indented || truncated {
-            self.stats.malformed_lines += 1;
+            malformed = true;
         } else if line == ELIDED {
             current.elided = true;
         } else if let Some(creator) = line.strip_prefix("created by ") {
@@ -177,13 +179,16 @@ impl DumpParser {
                     current.created_by = Some(kept);
                     current.expect = Expect::CreatorLocation;
                 }
-                None => self.stats.malformed_lines += 1,
+                None => malformed = true,
             }
         } else {
             match normalise_function(line) {
                 Some(function) => self.push_frame(function),
-                None => self.stats.malformed_lines += 1,
+                None => malformed = true,
             }
+        }
+        if malformed {
+            self.stats.malformed_lines += 1;
         }
     }
 
