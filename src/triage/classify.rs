@@ -447,10 +447,13 @@ fn is_ttrpc_client_call(key: &str) -> bool {
         && (key.contains("(*Client).") || key.contains("(*clientStream)"))
 }
 
-/// A call through an RPC library: the first daemon frame below it says which API is called.
+/// A call through an RPC library: the first daemon frame below it says which API is called
+/// (client interceptors such as containerd's `namespaceInterceptor` sit in between).
 fn rpc_call(keys: &[&str], call: usize, transport: Transport) -> Option<Classified> {
     let api = (call + 1..keys.len()).find(|&j| {
-        !is_plumbing(keys[j]) && !keys[j].to_ascii_lowercase().contains("interceptor")
+        !is_plumbing(keys[j])
+            && !keys[j].contains("Interceptor")
+            && !keys[j].contains("interceptor")
     })?;
     let api_key = keys[api];
     let containerd_api = api_key.contains("github.com/containerd/containerd")
@@ -584,7 +587,8 @@ fn child_process_wait(keys: &[&str], wait: usize) -> Option<Classified> {
 fn with_caller(keys: &[&str], at: usize, kind: WaitKind, detail: String) -> Classified {
     let site =
         (at + 1..keys.len()).find(|&j| !is_plumbing(keys[j]) && !keys[j].contains("go-runc."));
-    let mut found = Classified::new(kind, site.unwrap_or(at));
+    // The listing starts at the runc call itself; the site says who made it.
+    let mut found = Classified::new(kind, at);
     found.site = site.map(|j| keys[j].to_string());
     found.detail = Some(detail);
     found

@@ -15,9 +15,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Pipeline: [`lines`] splits the input into logical lines (unescaping a dump embedded in a
-//! containerd log line), [`parse`] recognises goroutines, [`bucket`] groups identical stacks and
-//! classifies each group once ([`classify`]), [`report`] ranks the groups and writes the
+//! Pipeline: `lines` splits the input into logical lines (unescaping a dump embedded in a
+//! containerd log line), `parse` recognises goroutines, `bucket` groups identical stacks and
+//! classifies each group once (`classify`), `report` ranks the groups and writes the
 //! verdict. Input is read in chunks through `BufRead`; memory is bounded by [`TriageLimits`],
 //! never by the size of the input.
 
