@@ -20,9 +20,13 @@ fuzz_target!(|data: &[u8]| {
         max_dumps: 2,
     };
     let chunk = 1 + usize::from(shape % 7);
-    let chunked = analyze(BufReader::with_capacity(chunk, input), &limits).expect("reading a slice");
+    let chunked =
+        analyze(BufReader::with_capacity(chunk, input), &limits).expect("reading a slice");
     let whole = analyze(input, &limits).expect("reading a slice");
-    assert_eq!(chunked, whole, "the result must not depend on how the input is chunked");
+    assert_eq!(
+        chunked, whole,
+        "the result must not depend on how the input is chunked"
+    );
 
     let grouped: u64 = whole.buckets.iter().map(|b| b.count).sum();
     assert_eq!(grouped + whole.overflow.goroutines, whole.goroutines);
