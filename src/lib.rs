@@ -13,3 +13,4 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod signal;
+pub mod triage;

@@ -36,6 +36,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Triage a Go goroutine dump (dockerd, containerd or shim; also a log holding one).
+    /// Exit 0 analysed, 2 could not read it.
+    AnalyzeDump {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -66,14 +73,14 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Default,
         } => {
-            print!("{DEFAULT_YAML}");
+            emit(DEFAULT_YAML);
             ExitCode::SUCCESS
         }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(Some(&file)) {
             Ok(_) => {
-                println!("{}: valid", file.display());
+                emit(&format!("{}: valid\n", file.display()));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -81,6 +88,26 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_UNUSABLE)
             }
         },
+        Command::AnalyzeDump { file, format } => {
+            let triage = match hangwatch::triage::analyze_file(&file, &Default::default()) {
+                Ok(triage) => triage,
+                Err(e) => {
+                    eprintln!("hangwatch: {e}");
+                    return ExitCode::from(EXIT_UNUSABLE);
+                }
+            };
+            match format {
+                Format::Text => emit(&triage.render_text()),
+                Format::Json => match serde_json::to_string_pretty(&triage) {
+                    Ok(json) => emit(&format!("{json}\n")),
+                    Err(e) => {
+                        eprintln!("hangwatch: cannot encode the analysis: {e}");
+                        return ExitCode::from(EXIT_UNUSABLE);
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
         Command::Run { config, listen } => {
             let mut config = match load(config.as_deref()) {
                 Ok(c) => c,
@@ -116,9 +143,9 @@ fn main() -> ExitCode {
             // Calls still stuck in a hung runtime must not hold the exit.
             rt.shutdown_background();
             match format {
-                Format::Text => print!("{}", report.render_text()),
+                Format::Text => emit(&report.render_text()),
                 Format::Json => match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
+                    Ok(json) => emit(&format!("{json}\n")),
                     Err(e) => {
                         eprintln!("hangwatch: cannot encode report: {e}");
                         return ExitCode::from(EXIT_UNUSABLE);
@@ -127,6 +154,18 @@ fn main() -> ExitCode {
             }
             ExitCode::from(report.outcome.exit_code())
         }
+    }
+}
+
+/// Write to stdout. A reader that went away (`hangwatch check | head`) is not an error;
+/// `print!` would panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("hangwatch: cannot write output: {e}");
     }
 }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::target::{Daemon, Target, send_dump_signal};
 use crate::signal::{Signal, SignalSender};
+use crate::triage::{self, TriageLimits};
 
 /// How often the dump directory is looked at while waiting.
 const POLL: Duration = Duration::from_millis(100);
@@ -37,6 +38,9 @@ pub struct DumpRecord {
     pub collected_at: SystemTime,
     /// Seconds from the signal to the file being complete.
     pub wait_seconds: f64,
+    /// The triage's one-line verdict (`hangwatch analyze-dump <path>` gives the full one).
+    #[serde(default)]
+    pub triage: Option<String>,
 }
 
 /// How a dump request ended; the variants are the `result` label values.
@@ -265,6 +269,13 @@ fn copy_dump(job: &DumpJob, source: &Path, wait_seconds: f64) -> Result<DumpReco
         remove_docker_dumps(&job.source_dir);
     }
     enforce_retention(&job.dump_dir, job.keep_files, job.keep_bytes);
+    let triage = match triage::analyze_file(&path, &TriageLimits::default()) {
+        Ok(found) => Some(found.summary()),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot triage the dump");
+            None
+        }
+    };
     Ok(DumpRecord {
         daemon,
         pid: job.target.pid,
@@ -274,6 +285,7 @@ fn copy_dump(job: &DumpJob, source: &Path, wait_seconds: f64) -> Result<DumpReco
         truncated: total > bytes,
         collected_at,
         wait_seconds,
+        triage,
     })
 }
 

@@ -496,6 +496,10 @@ impl Engine {
                         result: outcome.result(),
                     })
                     .inc();
+                let triage = match &outcome {
+                    DumpOutcome::Ok(record) => record.triage.clone(),
+                    _ => None,
+                };
                 let status = match &outcome {
                     DumpOutcome::Ok(record) => {
                         let when = record
@@ -515,7 +519,7 @@ impl Engine {
                     DumpOutcome::Failed { .. } => DumpStatus::Failed,
                 };
                 self.incidents
-                    .dump_progress(daemon, status, Some(&outcome), None)
+                    .dump_progress(daemon, status, Some(&outcome), triage)
             }
         };
         self.record_incident_changes(changes);
