@@ -2,6 +2,8 @@
 //! that fire and that do not, every alert carries what on-call needs (node, severity, summary,
 //! description, a runbook that exists), and every metric a rule uses is one hangwatch exports.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -130,44 +132,16 @@ fn every_alert_carries_node_severity_text_and_a_runbook_that_exists() {
     );
 }
 
-/// Metric families registered in src/metrics.rs (counters are exposed with `_total`).
-fn exported_families() -> BTreeSet<String> {
-    let source =
-        std::fs::read_to_string(Path::new(ROOT).join("src/metrics.rs")).expect("metrics.rs");
-    source
-        .split('"')
-        .filter(|s| {
-            s.starts_with("hangwatch_")
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
-        })
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn rules_use_only_metrics_hangwatch_exports() {
-    let families = exported_families();
-    assert!(
-        families.contains("hangwatch_runtime_stalled"),
-        "{families:?}"
-    );
+    assert!(support::exported_families().contains("hangwatch_runtime_stalled"));
     for alert in alerts() {
         let expr = alert["expr"].as_str().expect("expr");
-        for metric in expr
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|t| t.starts_with("hangwatch_"))
-        {
-            let family = ["_total", "_bucket", "_count", "_sum", "_info"]
-                .iter()
-                .find_map(|suffix| metric.strip_suffix(suffix))
-                .filter(|base| families.contains(*base))
-                .unwrap_or(metric);
-            assert!(
-                families.contains(family),
-                "{}: unknown metric {metric}",
-                alert["alert"]
-            );
-        }
+        let unknown = support::unknown_metrics(expr);
+        assert!(
+            unknown.is_empty(),
+            "{}: unknown metrics {unknown:?}",
+            alert["alert"]
+        );
     }
 }

@@ -5,6 +5,7 @@
 pub mod daemons;
 pub mod hangwatch;
 pub mod oom;
+pub mod prometheus;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,4 +86,38 @@ impl Drop for Sysctl {
     fn drop(&mut self) {
         let _ = std::fs::write(self.path, format!("{}\n", self.old));
     }
+}
+
+/// Metric families registered in src/metrics.rs; counters are exposed with `_total`,
+/// histograms with `_bucket`/`_sum`/`_count`, info with `_info`.
+pub fn exported_families() -> std::collections::BTreeSet<String> {
+    let source =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
+            .expect("read src/metrics.rs");
+    source
+        .split('"')
+        .filter(|s| {
+            s.starts_with("hangwatch_")
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The hangwatch metric names in a PromQL expression that hangwatch does not export.
+pub fn unknown_metrics(expr: &str) -> Vec<String> {
+    let families = exported_families();
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("hangwatch_"))
+        .filter(|metric| {
+            let family = ["_total", "_bucket", "_count", "_sum", "_info"]
+                .iter()
+                .find_map(|suffix| metric.strip_suffix(suffix))
+                .filter(|base| families.contains(*base))
+                .unwrap_or(metric);
+            !families.contains(family)
+        })
+        .map(str::to_string)
+        .collect()
 }
