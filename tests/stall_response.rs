@@ -343,3 +343,34 @@ fn incidents_on_disk_are_served_again_after_a_restart() {
     let (code, _) = again.get("/incidents/no-such-incident");
     assert_eq!(code, 404);
 }
+
+/// hangwatch may see a daemon's socket under another path than the one the daemon bound (a
+/// host directory mounted elsewhere in the DaemonSet). containerd has no pidfile: only its
+/// socket, matched by device and inode, can name it.
+#[test]
+fn daemon_found_through_another_path_to_its_socket() {
+    let daemons = PrivateDaemons::start();
+    let dir = TempDir::new("socket-alias");
+    let alias = dir.path().join("elsewhere.sock");
+    std::os::unix::fs::symlink(&daemons.containerd_socket, &alias).expect("symlink");
+    let config = format!(
+        "state_dir: {state}\n{FAST}docker:\n  mode: disabled\ncontainerd:\n  mode: required\n  socket: {alias}\n  stack_dump_dir: {tmp}\n  pidfile: \"\"\nkernel_log:\n  enabled: false\n",
+        state = dir.path().display(),
+        alias = alias.display(),
+        tmp = daemons.containerd_tmp.display(),
+    );
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_for("healthy", Duration::from_secs(20), || {
+        healthy(&hw, "containerd").then_some(())
+    });
+    daemons.signal_containerd(libc::SIGSTOP);
+    wait_for("containerd signalled", Duration::from_secs(15), || {
+        incidents(&hw)
+            .into_iter()
+            .find(|i| dump_status(i, "containerd").as_deref() == Some("pending"))
+    });
+    daemons.signal_containerd(libc::SIGCONT);
+    wait_for("containerd dump collected", Duration::from_secs(30), || {
+        (dumps_counted(&hw, "containerd", "ok") == 1.0).then_some(())
+    });
+}

@@ -9,7 +9,8 @@
 use std::fmt;
 use std::fs;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
@@ -140,7 +141,7 @@ fn stat_start_time(stat: &str) -> Option<u64> {
 }
 
 fn socket_owner(daemon: Daemon, socket: &Path, proc_root: &Path) -> Option<Target> {
-    let wanted = socket_names(socket);
+    let wanted = fs::metadata(socket).ok().map(|m| (m.dev(), m.ino()));
     let entries = fs::read_dir(proc_root).ok()?;
     for entry in entries.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -160,7 +161,9 @@ fn socket_owner(daemon: Daemon, socket: &Path, proc_root: &Path) -> Option<Targe
         let Ok(table) = fs::read_to_string(dir.join("net/unix")) else {
             continue;
         };
-        let inodes = listening_inodes(&table, &wanted);
+        let same_file =
+            |bound: &Path| bound == socket || wanted.is_some_and(|w| same_inode(&dir, bound, w));
+        let inodes = listening_inodes(&table, same_file);
         if inodes.is_empty() || !holds_socket(&dir, &inodes) {
             continue;
         }
@@ -171,20 +174,18 @@ fn socket_owner(daemon: Daemon, socket: &Path, proc_root: &Path) -> Option<Targe
     None
 }
 
-/// The configured path and its canonical form (e.g. `/var/run` → `/run`).
-fn socket_names(socket: &Path) -> Vec<PathBuf> {
-    let mut names = vec![socket.to_path_buf()];
-    if let Ok(canonical) = fs::canonicalize(socket)
-        && canonical != socket
-    {
-        names.push(canonical);
-    }
-    names
+/// Whether `bound` (a path as the daemon sees it) is the file `wanted` (device, inode) we
+/// dial. Looked up through the daemon's own root, so it holds across mount namespaces and
+/// when hangwatch sees the socket elsewhere (e.g. host /run mounted at /host/run).
+fn same_inode(process_dir: &Path, bound: &Path, wanted: (u64, u64)) -> bool {
+    let relative = bound.strip_prefix("/").unwrap_or(bound);
+    fs::metadata(process_dir.join("root").join(relative))
+        .is_ok_and(|m| (m.dev(), m.ino()) == wanted)
 }
 
-/// Inodes of listening sockets bound to one of `paths`, from `/proc/<pid>/net/unix`:
+/// Inodes of listening sockets whose bound path `is_ours`, from `/proc/<pid>/net/unix`:
 /// `Num RefCount Protocol Flags Type St Inode Path`, flag 0x10000 = listening.
-fn listening_inodes(table: &str, paths: &[PathBuf]) -> Vec<u64> {
+fn listening_inodes(table: &str, is_ours: impl Fn(&Path) -> bool) -> Vec<u64> {
     table
         .lines()
         .skip(1)
@@ -193,7 +194,7 @@ fn listening_inodes(table: &str, paths: &[PathBuf]) -> Vec<u64> {
             let flags = u32::from_str_radix(fields.get(3)?, 16).ok()?;
             let inode: u64 = fields.get(6)?.parse().ok()?;
             let path = Path::new(fields.get(7)?);
-            (flags & 0x10000 != 0 && paths.iter().any(|p| p == path)).then_some(inode)
+            (flags & 0x10000 != 0 && is_ours(path)).then_some(inode)
         })
         .collect()
 }
@@ -274,10 +275,8 @@ mod tests {
             0000000000000000: 00000003 00000000 00000000 0001 03 222 /run/docker.sock\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 333 /run/other.sock\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 444\n";
-        assert_eq!(
-            listening_inodes(table, &[PathBuf::from("/run/docker.sock")]),
-            vec![111]
-        );
-        assert!(listening_inodes("garbage\nnot a table", &[PathBuf::from("/x")]).is_empty());
+        let ours = |p: &Path| p == Path::new("/run/docker.sock");
+        assert_eq!(listening_inodes(table, ours), vec![111]);
+        assert!(listening_inodes("garbage\nnot a table", ours).is_empty());
     }
 }
