@@ -13,7 +13,20 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl (for `kubectl kustomize`): any recent one will do; Debian's is kubernetes-client.
+if [ "${1:-}" = "--test" ] && ! command -v kubectl >/dev/null; then
+  missing+=(kubernetes-client)
+fi
+
+install_python_tools() {
+  # Offline schema validation of the manifests (bundled schemas, no cluster needed).
+  if [ "${1:-}" = "--test" ] && ! command -v kubernetes-validate >/dev/null; then
+    python3 -m pip install --quiet kubernetes-validate
+  fi
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
+  install_python_tools "${1:-}"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -29,3 +42,4 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 for svc in prometheus prometheus-alertmanager docker containerd; do
   pkill -x "$svc" 2>/dev/null || true
 done
+install_python_tools "${1:-}"

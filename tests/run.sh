@@ -25,6 +25,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "static release binary (the image test runs it in a FROM-scratch image)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu
+
 step "cargo test"
 # Each integration test starts its own private daemons; two at a time fits a 2-core machine.
 cargo test -- --test-threads="${HANGWATCH_TEST_THREADS:-2}"

@@ -18,6 +18,9 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub struct PrivateDaemons {
     pub dir: PathBuf,
+    /// Laid out like a host's /run: docker.sock, containerd/containerd.sock, docker/ (dockerd's
+    /// exec-root) and docker.pid. The DaemonSet mounts a host's /run the same way.
+    pub run_dir: PathBuf,
     pub containerd_socket: PathBuf,
     pub docker_socket: PathBuf,
     pub docker_exec_root: PathBuf,
@@ -56,19 +59,22 @@ impl PrivateDaemons {
         for sub in [
             "ctd-root",
             "ctd-state",
-            "ctd-tmp",
+            "tmp",
             "docker-data",
-            "docker-exec",
+            "run/docker",
+            "run/containerd",
         ] {
             fs::create_dir_all(dir.join(sub)).expect("create daemon dirs");
         }
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let run_dir = dir.join("run");
         let mut d = PrivateDaemons {
-            containerd_socket: dir.join("containerd.sock"),
-            docker_socket: dir.join("docker.sock"),
-            docker_exec_root: dir.join("docker-exec"),
-            docker_pidfile: dir.join("docker.pid"),
-            containerd_tmp: dir.join("ctd-tmp"),
+            containerd_socket: run_dir.join("containerd/containerd.sock"),
+            docker_socket: run_dir.join("docker.sock"),
+            docker_exec_root: run_dir.join("docker"),
+            docker_pidfile: run_dir.join("docker.pid"),
+            containerd_tmp: dir.join("tmp"),
+            run_dir,
             containerd_log: dir.join("containerd.log"),
             dockerd_log: dir.join("dockerd.log"),
             dir,
