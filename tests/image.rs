@@ -236,11 +236,10 @@ fn image_with_the_daemonsets_permissions_sees_a_stalled_dockerd_and_a_dstate_tas
     );
 
     daemons.signal_dockerd(libc::SIGSTOP);
-    let stalled = wait_for("docker stalled", Duration::from_secs(15), || {
+    wait_for("docker stalled", Duration::from_secs(15), || {
         (gauge("hangwatch_runtime_stalled", &[("runtime", "docker")]) == Some(1.0)).then_some(())
     });
     daemons.signal_dockerd(libc::SIGCONT);
-    drop(stalled);
     wait_for(
         "dockerd's goroutine dump collected through the pidfd",
         Duration::from_secs(30),
