@@ -76,29 +76,15 @@ pub async fn run(config: Config) -> CheckReport {
 
     for client in probe::clients(&config) {
         for operation in client.operations() {
-            let id = probe::next_probe_id();
-            let started = Instant::now();
-            engine.apply(Signal::ProbeStarted {
-                runtime: client.runtime(),
-                operation: operation.clone(),
-                id,
-                at: started,
-            });
-            let call = client.call(&operation);
+            let (started, finish) =
+                probe::start(client.as_ref(), &operation, config.probes.deadline);
+            engine.apply(started);
             let done = done_tx.clone();
-            let runtime = client.runtime();
             outstanding += 1;
             tokio::spawn(async move {
-                let (result, _) = probe::split_answer(call.await);
+                let (finished, _) = finish.await;
                 // The receiver is gone only when check gave up waiting: nothing to report to.
-                let _ = done.send(Signal::ProbeFinished {
-                    runtime,
-                    operation,
-                    id,
-                    started,
-                    finished: Instant::now(),
-                    result,
-                });
+                let _ = done.send(finished);
             });
         }
     }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use hangwatch::check::CheckReport;
 use hangwatch::config::{Config, DEFAULT_YAML, LogConfig, LogFormat};
+use hangwatch::triage::Triage;
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(
@@ -96,17 +99,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_UNUSABLE);
                 }
             };
-            match format {
-                Format::Text => emit(&triage.render_text()),
-                Format::Json => match serde_json::to_string_pretty(&triage) {
-                    Ok(json) => emit(&format!("{json}\n")),
-                    Err(e) => {
-                        eprintln!("hangwatch: cannot encode the analysis: {e}");
-                        return ExitCode::from(EXIT_UNUSABLE);
-                    }
-                },
+            match print(format, &triage, Triage::render_text) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
             }
-            ExitCode::SUCCESS
         }
         Command::Run { config, listen } => {
             let mut config = match load(config.as_deref()) {
@@ -142,19 +138,27 @@ fn main() -> ExitCode {
             let report = rt.block_on(hangwatch::check::run(config));
             // Calls still stuck in a hung runtime must not hold the exit.
             rt.shutdown_background();
-            match format {
-                Format::Text => emit(&report.render_text()),
-                Format::Json => match serde_json::to_string_pretty(&report) {
-                    Ok(json) => emit(&format!("{json}\n")),
-                    Err(e) => {
-                        eprintln!("hangwatch: cannot encode report: {e}");
-                        return ExitCode::from(EXIT_UNUSABLE);
-                    }
-                },
+            match print(format, &report, CheckReport::render_text) {
+                Ok(()) => ExitCode::from(report.outcome.exit_code()),
+                Err(code) => code,
             }
-            ExitCode::from(report.outcome.exit_code())
         }
     }
+}
+
+/// Print `value` as text (through `text`) or as pretty JSON.
+fn print<T: Serialize>(format: Format, value: &T, text: fn(&T) -> String) -> Result<(), ExitCode> {
+    match format {
+        Format::Text => emit(&text(value)),
+        Format::Json => match serde_json::to_string_pretty(value) {
+            Ok(json) => emit(&format!("{json}\n")),
+            Err(e) => {
+                eprintln!("hangwatch: cannot encode JSON: {e}");
+                return Err(ExitCode::from(EXIT_UNUSABLE));
+            }
+        },
+    }
+    Ok(())
 }
 
 /// Write to stdout. A reader that went away (`hangwatch check | head`) is not an error;

@@ -170,11 +170,14 @@ fn assert_no_growth(hw: &Hangwatch, cycles: impl Fn() -> Duration) {
     eprintln!("slowest detection over 10 cycles: {worst:?}");
 }
 
-#[test]
-fn dockerd_sigstop_stalls_docker_only_and_recovers_ten_times() {
-    let _timing = support::exclusive();
-    let daemons = PrivateDaemons::start();
-    let dir = TempDir::new("stopdocker");
+/// Ten stall/recover cycles of `stopped`'s daemon while `bystander` must stay healthy; returns
+/// hangwatch for further checks.
+fn ten_stall_cycles(
+    daemons: &PrivateDaemons,
+    dir: &TempDir,
+    stopped: &str,
+    bystander: &str,
+) -> Hangwatch {
     let hw = Hangwatch::start(
         &daemons.hangwatch_config(dir.path(), &probe_config()),
         dir.path(),
@@ -182,38 +185,39 @@ fn dockerd_sigstop_stalls_docker_only_and_recovers_ten_times() {
     poll(&hw, "healthy start", Duration::from_secs(20), false, |t| {
         healthy(t, "docker") && healthy(t, "containerd")
     });
+    let signal = |sig| match stopped {
+        "docker" => daemons.signal_dockerd(sig),
+        _ => daemons.signal_containerd(sig),
+    };
     assert_no_growth(&hw, || {
         stall_cycle(
             &hw,
-            &|| daemons.signal_dockerd(libc::SIGSTOP),
-            &|| daemons.signal_dockerd(libc::SIGCONT),
-            "docker",
-            "containerd",
+            &|| signal(libc::SIGSTOP),
+            &|| signal(libc::SIGCONT),
+            stopped,
+            bystander,
         )
     });
+    hw
+}
+
+#[test]
+fn dockerd_sigstop_stalls_docker_only_and_recovers_ten_times() {
+    let _timing = support::exclusive();
+    let daemons = PrivateDaemons::start();
+    ten_stall_cycles(
+        &daemons,
+        &TempDir::new("stopdocker"),
+        "docker",
+        "containerd",
+    );
 }
 
 #[test]
 fn containerd_sigstop_stalls_containerd_while_dockerd_stays_healthy() {
     let _timing = support::exclusive();
     let daemons = PrivateDaemons::start();
-    let dir = TempDir::new("stopctd");
-    let hw = Hangwatch::start(
-        &daemons.hangwatch_config(dir.path(), &probe_config()),
-        dir.path(),
-    );
-    poll(&hw, "healthy start", Duration::from_secs(20), false, |t| {
-        healthy(t, "docker") && healthy(t, "containerd")
-    });
-    assert_no_growth(&hw, || {
-        stall_cycle(
-            &hw,
-            &|| daemons.signal_containerd(libc::SIGSTOP),
-            &|| daemons.signal_containerd(libc::SIGCONT),
-            "containerd",
-            "docker",
-        )
-    });
+    let hw = ten_stall_cycles(&daemons, &TempDir::new("stopctd"), "containerd", "docker");
     let (elapsed, status) = hw.terminate();
     assert!(status.success(), "exit status {status}");
     assert!(

@@ -98,6 +98,7 @@ pub struct DumpJob {
 }
 
 /// What was in the source directory before the signal.
+#[derive(Clone)]
 enum Before {
     DockerFiles(HashSet<OsString>),
     ContainerdFile(Option<(SystemTime, u64)>),
@@ -161,7 +162,12 @@ async fn collect(job: &DumpJob, signals: &SignalSender) -> DumpOutcome {
                 .send(Signal::Dump(DumpEvent::Pending { daemon }))
                 .await;
         }
-        let Some((path, size)) = new_dump(job, &before) else {
+        // Listing a directory is file I/O: off the async thread.
+        let looked = {
+            let (job, before) = (job.clone(), before.clone());
+            tokio::task::spawn_blocking(move || new_dump(&job, &before)).await
+        };
+        let Ok(Some((path, size))) = looked else {
             continue;
         };
         // Complete once its size held still across a poll.

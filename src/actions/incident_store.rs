@@ -114,25 +114,10 @@ fn prune(dir: &Path, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::incidents::{IncidentBook, Observation};
+    use crate::engine::incidents::IncidentBook;
+    use crate::engine::incidents::tests::seen;
     use crate::signal::Runtime;
     use std::time::{Duration, SystemTime};
-
-    fn seen<'a>(
-        state: &'a str,
-        reason: &'a str,
-        stalled: bool,
-        recovered: bool,
-        layer: &'a str,
-    ) -> Observation<'a> {
-        Observation {
-            state,
-            reason,
-            stalled,
-            recovered,
-            layer,
-        }
-    }
 
     #[test]
     fn write_load_prune_and_skip_corrupt_files() {

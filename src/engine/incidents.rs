@@ -606,14 +606,15 @@ fn human(seconds: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
     }
 
-    fn seen<'a>(
+    /// An observation for tests, in argument order.
+    pub(crate) fn seen<'a>(
         state: &'a str,
         reason: &'a str,
         stalled: bool,

@@ -70,7 +70,7 @@ pub fn detectors(config: &Config) -> Vec<Box<dyn Detector>> {
 }
 
 /// A fresh probe id, unique within the process.
-pub fn next_probe_id() -> u64 {
+fn next_probe_id() -> u64 {
     NEXT_PROBE_ID.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -126,43 +126,17 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
             if slot.as_ref().is_some_and(|h| !h.is_finished()) {
                 continue;
             }
-            let id = next_probe_id();
-            let started = Instant::now();
-            let runtime = client.runtime();
-            let delivered = ctx
-                .signals
-                .send(Signal::ProbeStarted {
-                    runtime,
-                    operation: operation.clone(),
-                    id,
-                    at: started,
-                })
-                .await;
-            if !delivered {
+            let (started, finish) = start(client.as_ref(), operation, deadline);
+            if !ctx.signals.send(started).await {
                 break;
             }
-            let call = client.call(operation);
             let signals = ctx.signals.clone();
-            let operation = operation.clone();
             *slot = Some(tokio::spawn(async move {
-                let result = match tokio::time::timeout(deadline, call).await {
-                    Ok(result) => result,
-                    Err(_) => Err(ProbeFailure::Timeout),
-                };
-                let (result, containers) = split_answer(result);
+                let (finished, containers) = finish.await;
                 if let Some(containers) = containers {
                     signals.send(Signal::ContainersSeen(containers)).await;
                 }
-                signals
-                    .send(Signal::ProbeFinished {
-                        runtime,
-                        operation,
-                        id,
-                        started,
-                        finished: Instant::now(),
-                        result,
-                    })
-                    .await;
+                signals.send(finished).await;
             }));
         }
     }
@@ -172,14 +146,44 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
     }
 }
 
-/// The probe verdict and, apart, any containers the answer listed.
-pub fn split_answer(
-    result: Result<ProbeAnswer, ProbeFailure>,
-) -> (Result<(), ProbeFailure>, Option<Vec<ContainerInfo>>) {
-    match result {
-        Ok(answer) => (Ok(()), answer.containers),
-        Err(failure) => (Err(failure), None),
-    }
+/// What a finished probe call yields: its `ProbeFinished` signal and any containers it listed.
+pub type Finished = (Signal, Option<Vec<ContainerInfo>>);
+
+/// Start one call of `operation`: the `ProbeStarted` signal to deliver first, and the call,
+/// bounded by `deadline`, resolving to its `ProbeFinished`.
+pub fn start(
+    client: &dyn RuntimeClient,
+    operation: &Operation,
+    deadline: Duration,
+) -> (Signal, impl Future<Output = Finished> + Send + 'static) {
+    let id = next_probe_id();
+    let started = Instant::now();
+    let runtime = client.runtime();
+    let call = client.call(operation);
+    let operation = operation.clone();
+    let signal = Signal::ProbeStarted {
+        runtime,
+        operation: operation.clone(),
+        id,
+        at: started,
+    };
+    let finish = async move {
+        let (result, containers) = match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(answer)) => (Ok(()), answer.containers),
+            Ok(Err(failure)) => (Err(failure), None),
+            Err(_) => (Err(ProbeFailure::Timeout), None),
+        };
+        let finished = Signal::ProbeFinished {
+            runtime,
+            operation,
+            id,
+            started,
+            finished: Instant::now(),
+            result,
+        };
+        (finished, containers)
+    };
+    (signal, finish)
 }
 
 /// Whether the socket file is there to dial. `Path::exists` would call a socket we may not
