@@ -93,7 +93,7 @@ impl ProcScanner {
             settings: Settings {
                 config: config.proc_scan.clone(),
                 containerd_namespaces: config.containerd.namespaces.clone(),
-                ticks_per_second: procfs::ticks_per_second(),
+                ticks_per_second: rustix::param::clock_ticks_per_second(),
             },
             walker: Walker::default(),
             tracker: DStateTracker::default(),
