@@ -25,10 +25,7 @@ const ENGINE_HEARTBEAT_BUDGET: Duration = Duration::from_secs(10);
 
 pub async fn run(config: Config) -> Result<(), String> {
     let config = Arc::new(config);
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    let mut termination = Termination::new()?;
     let listener = http::bind(config.listen).await?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
 
@@ -94,8 +91,7 @@ pub async fn run(config: Config) -> Result<(), String> {
 
     loop {
         tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            () = termination.recv() => break,
             finished = loops.join_next() => match finished {
                 Some(Ok(name)) => tracing::error!(loop_name = %name, "loop exited unexpectedly; /healthz will fail"),
                 Some(Err(e)) => tracing::error!(error = %e, "loop panicked; /healthz will fail"),
@@ -114,4 +110,29 @@ pub async fn run(config: Config) -> Result<(), String> {
     }
     tracing::info!("hangwatch stopped");
     Ok(())
+}
+
+/// SIGTERM and SIGINT, handled from the start so neither kills the process mid-write.
+pub struct Termination {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    pub fn new() -> Result<Termination, String> {
+        Ok(Termination {
+            terminate: signal(SignalKind::terminate())
+                .map_err(|e| format!("cannot handle SIGTERM: {e}"))?,
+            interrupt: signal(SignalKind::interrupt())
+                .map_err(|e| format!("cannot handle SIGINT: {e}"))?,
+        })
+    }
+
+    /// Wait for either signal.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    }
 }

@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Snapshot;
 use crate::heartbeat::Heartbeats;
-use crate::metrics::{CLASSIC_CONTENT_TYPE, Metrics, OPENMETRICS_CONTENT_TYPE, wants_openmetrics};
+use crate::metrics::{
+    CLASSIC_CONTENT_TYPE, Metrics, OPENMETRICS_CONTENT_TYPE, openmetrics_to_classic,
+    wants_openmetrics,
+};
 
 #[derive(Clone)]
 pub struct Readers {
@@ -50,19 +53,23 @@ pub async fn serve(listener: TcpListener, readers: Readers, shutdown: Cancellati
     }
 }
 
-/// OpenMetrics for scrapers that ask for it (Prometheus does), text format 0.0.4 otherwise.
 async fn metrics(State(readers): State<Readers>, headers: HeaderMap) -> Response {
+    metrics_reply(&headers, readers.metrics.encode())
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), text format 0.0.4 otherwise.
+pub fn metrics_reply(headers: &HeaderMap, openmetrics: String) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     if wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            readers.metrics.encode(),
+            openmetrics,
         )
             .into_response()
     } else {
         (
             [(header::CONTENT_TYPE, CLASSIC_CONTENT_TYPE)],
-            readers.metrics.encode_classic(),
+            openmetrics_to_classic(&openmetrics),
         )
             .into_response()
     }

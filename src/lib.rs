@@ -6,6 +6,7 @@ pub mod attribution;
 pub mod check;
 pub mod config;
 pub mod containers;
+pub mod cordoner;
 pub mod daemon;
 pub mod detectors;
 pub mod engine;

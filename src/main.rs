@@ -46,6 +46,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Alertmanager webhook that cordons and taints nodes whose alerts ask for it, and undoes
+    /// only its own cordons when they resolve. Needs a bearer token and Kubernetes credentials.
+    Cordoner(hangwatch::cordoner::Options),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -114,6 +117,21 @@ fn main() -> ExitCode {
             }
             init_logging(&config.log);
             let result = runtime().and_then(|rt| rt.block_on(hangwatch::daemon::run(config)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("hangwatch: {e}");
+                    ExitCode::from(EXIT_UNUSABLE)
+                }
+            }
+        }
+        Command::Cordoner(options) => {
+            init_logging(&LogConfig {
+                format: options.log_format,
+                ..LogConfig::default()
+            });
+            let result = runtime().and_then(|rt| rt.block_on(hangwatch::cordoner::run(options)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 /// Content type of [`Metrics::encode`] (what Prometheus asks for).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// Content type of [`Metrics::encode_classic`] (curl, promtool, older scrapers).
+/// Content type of [`openmetrics_to_classic`]'s output (curl, promtool, older scrapers).
 pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// /proc scan duration buckets: 1 ms to 10 s.
@@ -313,18 +313,18 @@ impl Metrics {
 
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        // Writing into a String cannot fail; an error here would be a bug in an encoder.
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
+        encode_registry(&self.registry)
     }
+}
 
-    /// The Prometheus text format 0.0.4 of the same metrics.
-    pub fn encode_classic(&self) -> String {
-        openmetrics_to_classic(&self.encode())
+/// OpenMetrics text of every metric in `registry`.
+pub fn encode_registry(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    // Writing into a String cannot fail; an error here would be a bug in an encoder.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
     }
+    out
 }
 
 /// Whether an HTTP `Accept` header asks for OpenMetrics.
@@ -335,7 +335,7 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
 /// Rewrite prometheus-client's OpenMetrics output as Prometheus text format 0.0.4: counter
 /// families are named with their `_total` suffix, `info` becomes a gauge named `*_info`,
 /// and `# EOF`/`# UNIT` go. Only our own encoder's output is fed here.
-fn openmetrics_to_classic(openmetrics: &str) -> String {
+pub fn openmetrics_to_classic(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut pending_help: Option<(&str, &str)> = None;
     for line in openmetrics.lines() {
@@ -406,7 +406,7 @@ mod tests {
                 reason: "timeout",
             })
             .inc();
-        let text = m.encode_classic();
+        let text = openmetrics_to_classic(&m.encode());
         assert!(
             text.contains("# TYPE hangwatch_runtime_probe_failures_total counter\n"),
             "{text}"

@@ -2,7 +2,9 @@
 //! (see `daemons`) private dockerd + containerd instances.
 #![allow(dead_code)]
 
+pub mod cordoner;
 pub mod daemons;
+pub mod fake_apiserver;
 pub mod hangwatch;
 pub mod oom;
 pub mod prometheus;
