@@ -205,3 +205,75 @@ fn daemonset_is_unprivileged_least_capability_and_runs_everywhere() {
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert!(docs.iter().any(|d| d["kind"] == "PrometheusRule"));
 }
+
+#[test]
+fn cordoner_may_touch_nodes_only_and_runs_two_unprivileged_replicas() {
+    let docs = documents(&kustomize("deploy/base"));
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "hangwatch-cordoner")
+        .expect("ClusterRole");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]}]),
+        "least privilege: nodes get/list/patch and nothing else"
+    );
+    let roles = docs
+        .iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| k.ends_with("Role")))
+        .count();
+    assert_eq!(roles, 1, "the DaemonSet needs no API access");
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("cordoner Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "hangwatch-cordoner");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args[0], "cordoner");
+    let token_file = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--token-file="))
+        .expect("--token-file");
+    let mount = &container["volumeMounts"][0];
+    assert!(token_file.starts_with(mount["mountPath"].as_str().expect("mountPath")));
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "hangwatch-cordoner-token"
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // The flags the manifest passes are ones the binary accepts.
+    let (code, _, stderr) =
+        support::hangwatch::run_cli(&args.iter().copied().chain(["--help"]).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn alertmanager_route_for_the_cordoner_is_valid() {
+    let output = Command::new("amtool")
+        .args(["check-config", "deploy/alertmanager/cordoner-route.yaml"])
+        .current_dir(ROOT)
+        .output()
+        .expect("amtool (Debian package prometheus-alertmanager; tests/run.sh installs it)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let route = read("deploy/alertmanager/cordoner-route.yaml");
+    assert!(route.contains("send_resolved: true") && route.contains("type: Bearer"));
+}
