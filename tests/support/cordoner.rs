@@ -1,16 +1,14 @@
 //! The real `hangwatch cordoner` process against the fake API server, and a webhook client.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::fake_apiserver::FakeApiServer;
-use super::hangwatch::binary;
+use super::hangwatch::{ChildLog, binary};
 use super::wait_for;
 
 pub const TOKEN: &str = "test-token-0c4f9a";
@@ -18,7 +16,7 @@ pub const TOKEN: &str = "test-token-0c4f9a";
 pub struct Cordoner {
     child: Child,
     pub addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
+    logs: ChildLog,
 }
 
 /// Write the fake's kubeconfig and the token into `dir`; returns (kubeconfig, token file).
@@ -52,14 +50,7 @@ impl Cordoner {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start hangwatch cordoner");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
+        let logs = ChildLog::capture(&mut child);
         let mut cordoner = Cordoner {
             child,
             addr: "127.0.0.1:1".parse().expect("addr"),
@@ -69,12 +60,7 @@ impl Cordoner {
             if let Ok(Some(status)) = cordoner.child.try_wait() {
                 panic!("cordoner exited with {status}:\n{}", cordoner.logs());
             }
-            cordoner.log_lines().iter().find_map(|line| {
-                let v: Value = serde_json::from_str(line).ok()?;
-                let fields = v.get("fields")?;
-                (fields.get("message")?.as_str()? == "cordoner listening")
-                    .then(|| fields.get("listen")?.as_str()?.parse::<SocketAddr>().ok())?
-            })
+            cordoner.logs.listen_addr("cordoner listening")
         });
         cordoner.addr = addr;
         cordoner
@@ -84,12 +70,8 @@ impl Cordoner {
         format!("http://{}", self.addr)
     }
 
-    pub fn log_lines(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     pub fn logs(&self) -> String {
-        self.log_lines().join("\n")
+        self.logs.lines().join("\n")
     }
 
     /// POST `body` to the webhook with `authorization` (a full header value, or none).

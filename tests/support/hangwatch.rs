@@ -17,6 +17,38 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hangwatch")
 }
 
+/// The log lines a child process writes to its (piped) stderr, collected by a thread.
+#[derive(Clone)]
+pub struct ChildLog(Arc<Mutex<Vec<String>>>);
+
+impl ChildLog {
+    pub fn capture(child: &mut Child) -> ChildLog {
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = ChildLog(Arc::default());
+        let sink = log.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        log
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The `listen` field of the first JSON log line whose message is `message`.
+    pub fn listen_addr(&self, message: &str) -> Option<SocketAddr> {
+        self.lines().iter().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = v.get("fields")?;
+            (fields.get("message")?.as_str()? == message)
+                .then(|| fields.get("listen")?.as_str()?.parse::<SocketAddr>().ok())?
+        })
+    }
+}
+
 /// A fresh directory for state, configs and outputs of one test; removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -43,7 +75,7 @@ impl Drop for TempDir {
 pub struct Hangwatch {
     child: Option<Child>,
     pub addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
+    logs: ChildLog,
 }
 
 impl Hangwatch {
@@ -74,14 +106,7 @@ impl Hangwatch {
             .stderr(Stdio::piped());
         adjust(&mut command);
         let mut child = command.spawn().expect("start hangwatch");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
+        let logs = ChildLog::capture(&mut child);
         let mut hw = Hangwatch {
             child: Some(child),
             addr: "127.0.0.1:1".parse().expect("addr"),
@@ -94,12 +119,7 @@ impl Hangwatch {
                 if let Some(Ok(Some(status))) = hw.child.as_mut().map(|c| c.try_wait()) {
                     panic!("hangwatch exited early with {status}:\n{}", hw.logs());
                 }
-                hw.log_lines().iter().find_map(|line| {
-                    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                    let fields = v.get("fields")?;
-                    (fields.get("message")?.as_str()? == "hangwatch started")
-                        .then(|| fields.get("listen")?.as_str()?.parse::<SocketAddr>().ok())?
-                })
+                hw.logs.listen_addr("hangwatch started")
             },
         );
         hw.addr = addr;
@@ -111,7 +131,7 @@ impl Hangwatch {
     }
 
     pub fn log_lines(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.logs.lines()
     }
 
     pub fn logs(&self) -> String {
