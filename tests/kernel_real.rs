@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use hangwatch::config::Config;
 use hangwatch::detectors::kernel::{
     KernelEvent, KernelLogCounters, KernelLogDetector, KmsgRead, KmsgReader, POSITION_FILE,
-    SavedPosition, StartPosition, check,
+    Position, SavedPosition, StartPosition, check,
 };
 use hangwatch::detectors::{Detector, DetectorContext};
 use hangwatch::heartbeat::Heartbeats;
@@ -197,7 +197,10 @@ fn comm_is(comm: &str) -> impl Fn(&KernelEvent) -> bool + '_ {
 
 fn saved_seq(state_dir: &Path) -> Option<u64> {
     let text = fs::read_to_string(state_dir.join(POSITION_FILE)).ok()?;
-    SavedPosition::parse(&text).map(|p| p.seq)
+    match SavedPosition::parse(&text)?.position {
+        Position::Seq(seq) => Some(seq),
+        Position::Timestamp(_) => None,
+    }
 }
 
 /// A real OOM kill in a memory cgroup of `hierarchy` limited through `limits`, of a process
