@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::actions::incident_store;
 use crate::config::Config;
 use crate::config::Severity;
-use crate::detectors::kernel as kernel_log;
+use crate::detectors::kernel::{self as kernel_log, LogSource};
 use crate::detectors::probe;
 use crate::detectors::procscan::{ProcScanner, ScanReport, Scope};
 use crate::engine::incidents::Incident;
@@ -126,6 +126,7 @@ pub async fn run(config: Config) -> CheckReport {
             Ok(Ok(found)) => {
                 engine.apply(Signal::KernelLogUp {
                     path: config.kernel_log.path.clone(),
+                    source: found.source,
                 });
                 engine.apply(Signal::KernelLogCounters(found.counters));
                 for event in found.events {
@@ -337,9 +338,14 @@ impl CheckReport {
                 let _ = writeln!(out, "  not checked");
             }
             _ => {
+                let source = match kernel.source {
+                    Some(LogSource::Syslog) => "syslog(2): ",
+                    Some(LogSource::Kmsg) => "/dev/kmsg: ",
+                    None => "",
+                };
                 let _ = writeln!(
                     out,
-                    "  {} records read, {} lost, {} ignored (not kern), {} events",
+                    "  {source}{} records read, {} lost, {} ignored (not kern), {} events",
                     kernel.records_read,
                     kernel.records_lost,
                     kernel.records_ignored,

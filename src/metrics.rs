@@ -66,6 +66,11 @@ pub struct DumpResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
     pub rule: String,
 }
@@ -117,6 +122,7 @@ pub struct Metrics {
     pub oom_kills_total: Family<OomLabels, Counter>,
     pub kernel_condition: Family<RuleLabels, Gauge>,
     pub kernel_log_up: Gauge,
+    pub kernel_log_source: Family<SourceLabels, Gauge>,
     pub kernel_log_records_total: Counter,
     pub kernel_log_lost_records_total: Counter,
     pub kernel_log_ignored_records_total: Counter,
@@ -158,6 +164,7 @@ impl Metrics {
             oom_kills_total: Family::default(),
             kernel_condition: Family::default(),
             kernel_log_up: Gauge::default(),
+            kernel_log_source: Family::default(),
             kernel_log_records_total: Counter::default(),
             kernel_log_lost_records_total: Counter::default(),
             kernel_log_ignored_records_total: Counter::default(),
@@ -247,6 +254,11 @@ impl Metrics {
             "hangwatch_kernel_log_up",
             "1 while the kernel log is being read",
             m.kernel_log_up.clone(),
+        );
+        r.register(
+            "hangwatch_kernel_log_source",
+            "1 for the interface the kernel log is being read through: kmsg (/dev/kmsg) or syslog (syslog(2))",
+            m.kernel_log_source.clone(),
         );
         r.register(
             "hangwatch_kernel_log_records",

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::actions::dumps::DumpEvent;
 use crate::containers::ContainerInfo;
-use crate::detectors::kernel::{KernelEvent, KernelLogCounters};
+use crate::detectors::kernel::{KernelEvent, KernelLogCounters, LogSource};
 use crate::detectors::procscan::ScanReport;
 
 /// A container runtime hangwatch probes.
@@ -142,8 +142,8 @@ pub enum Signal {
     Kernel(Box<KernelEvent>),
     /// Kernel log counter increments since the previous one of these (at most one per second).
     KernelLogCounters(KernelLogCounters),
-    /// The kernel log is open and being read.
-    KernelLogUp { path: PathBuf },
+    /// The kernel log is open and being read, through `source`.
+    KernelLogUp { path: PathBuf, source: LogSource },
     /// The kernel log cannot be read. `retry_in`: when the next attempt is made; None when
     /// none will be (the rules do not compile).
     KernelLogDown {

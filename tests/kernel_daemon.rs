@@ -1,13 +1,18 @@
 //! The kernel log through the whole daemon: real OOM kills become metrics and `/events`
 //! within a second, attributed to containers by id and name; a restart does not count an
-//! event twice; an unreadable `/dev/kmsg` leaves the rest of hangwatch working.
+//! event twice; the same through syslog(2), also when `auto` falls back to it because the
+//! device cgroup refuses `/dev/kmsg`; an unreadable kernel log leaves the rest of hangwatch
+//! working.
 
 mod support;
 
+use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::daemons::PrivateDaemons;
@@ -44,6 +49,19 @@ fn events(hw: &Hangwatch) -> Vec<Value> {
 fn wait_kernel_log_up(hw: &Hangwatch) {
     wait_for("kernel_log_up 1", Duration::from_secs(10), || {
         (hw.metric("hangwatch_kernel_log_up", &[]) == Some(1.0)).then_some(())
+    });
+}
+
+fn source_gauge(hw: &Hangwatch, source: &str) -> Option<f64> {
+    hw.metric("hangwatch_kernel_log_source", &[("source", source)])
+}
+
+/// `/status` is published at most every so often: wait for it to show the source.
+fn wait_status_source(hw: &Hangwatch, source: &str) {
+    wait_for("/status to show the source", Duration::from_secs(5), || {
+        let status = hw.status_json();
+        (status["kernel_log"]["source"] == source && status["kernel_log"]["up"] == true)
+            .then_some(())
     });
 }
 
@@ -223,6 +241,150 @@ fn kernel_log_refused_by_the_kernel_is_down_with_eperm() {
         },
     );
     assert!(error.to_lowercase().contains("not permitted"), "{error}");
+    assert!(
+        error.contains("/dev/kmsg") && error.contains("syslog(2)"),
+        "auto tried syslog(2) too: {error}"
+    );
     assert_eq!(hw.metric("hangwatch_kernel_log_up", &[]), Some(0.0));
+    assert_eq!(source_gauge(&hw, "syslog"), Some(0.0));
     assert_eq!(hw.get("/healthz").0, 200);
+}
+
+#[test]
+fn runc_init_oom_kill_through_syslog_is_counted_once_across_a_restart() {
+    let _serial = exclusive();
+    let dir = TempDir::new("kernel-syslog-oom");
+    let config = kernel_only(dir.path(), "kernel_log:\n  source: syslog\n");
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_kernel_log_up(&hw);
+    assert_eq!(source_gauge(&hw, "syslog"), Some(1.0));
+    assert_eq!(source_gauge(&hw, "kmsg"), Some(0.0));
+    wait_status_source(&hw, "syslog");
+    assert_eq!(oom_kills(&hw, "runc_init"), 0.0);
+
+    let cgroup = TestCgroup::v1_memory_20mib();
+    let victim = OomVictim::start("runc:[2:INIT]", &cgroup, dir.path());
+    let pid = victim.pid;
+    let killed_at = victim.allocate_until_killed();
+    wait_for(
+        "oom_kills_total{victim=runc_init} +1 through syslog(2)",
+        Duration::from_secs(10),
+        || (oom_kills(&hw, "runc_init") == 1.0).then_some(()),
+    );
+    let latency = killed_at.elapsed();
+    println!(
+        "OOM kill of pid {pid} counted {latency:?} after it was seen, through syslog(2) polled every 1s"
+    );
+    assert!(
+        latency <= Duration::from_secs(3),
+        "counted {latency:?} after the kill: more than the 1 s poll interval allows"
+    );
+    let event = events(&hw)
+        .into_iter()
+        .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
+        .expect("the kill in /events");
+    assert_eq!(event["fields"]["comm"], "runc:[2:INIT]");
+    assert_eq!(event["facility"], 0, "the kernel's own line");
+    assert_eq!(event["oom"]["victim"], "runc_init");
+    assert_eq!(
+        event["oom"]["constraint"], "memcg",
+        "joined with the oom-kill: line"
+    );
+    assert_eq!(event["oom"]["memcg"], cgroup.kernel_path.as_str());
+
+    let (_, status) = hw.terminate();
+    assert!(status.success());
+    let saved = std::fs::read_to_string(dir.path().join("kmsg.position")).expect("position saved");
+    assert!(saved.contains("ts_usec="), "{saved}");
+
+    let again = Hangwatch::start(&config, dir.path());
+    wait_kernel_log_up(&again);
+    mark_read_position(&again);
+    assert_eq!(
+        oom_kills(&again, "runc_init"),
+        0.0,
+        "the kill was counted again after a restart"
+    );
+    assert!(
+        !events(&again).iter().any(|e| e["fields"]["pid"] == pid),
+        "the kill was replayed after a restart"
+    );
+    assert!(
+        again.logs().contains("AfterTimestamp"),
+        "resumed from the saved timestamp"
+    );
+}
+
+/// A v1 devices cgroup that refuses `/dev/kmsg` (char 1:11), as an unprivileged container's
+/// does; removed on drop (after the processes in it are gone).
+struct KmsgDeniedCgroup(PathBuf);
+
+impl KmsgDeniedCgroup {
+    fn create(tag: &str) -> KmsgDeniedCgroup {
+        let path = Path::new("/sys/fs/cgroup/devices")
+            .join(format!("hwtest-{tag}-{}", std::process::id()));
+        std::fs::create_dir(&path).expect("create a devices cgroup (cgroup v1, as root)");
+        std::fs::write(path.join("devices.deny"), "c 1:11 rwm").expect("deny /dev/kmsg");
+        KmsgDeniedCgroup(path)
+    }
+
+    /// Make `command`'s process join the cgroup before it runs anything.
+    fn enter(&self, command: &mut std::process::Command) {
+        let procs =
+            CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).expect("cgroup path");
+        // SAFETY: between fork and exec only async-signal-safe calls: open, write, close.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written == 1 { Ok(()) } else { Err(error) }
+            });
+        }
+    }
+}
+
+impl Drop for KmsgDeniedCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn auto_falls_back_to_syslog_when_the_device_cgroup_refuses_kmsg() {
+    let _serial = exclusive();
+    let cgroup = KmsgDeniedCgroup::create("kmsg-denied");
+    let dir = TempDir::new("kernel-auto-fallback");
+    let config = kernel_only(dir.path(), "");
+    let started = Instant::now();
+    let hw = Hangwatch::start_with(&config, dir.path(), |command| cgroup.enter(command));
+    wait_kernel_log_up(&hw);
+    println!(
+        "kernel log up through the fallback {:?} after start",
+        started.elapsed()
+    );
+    assert_eq!(source_gauge(&hw, "syslog"), Some(1.0));
+    assert_eq!(source_gauge(&hw, "kmsg"), Some(0.0));
+    wait_status_source(&hw, "syslog");
+    let fallback: Vec<String> = hw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("reading the kernel log through syslog(2)"))
+        .collect();
+    assert_eq!(fallback.len(), 1, "explained once: {fallback:?}");
+    assert!(fallback[0].contains("WARN"), "{}", fallback[0]);
+    assert!(
+        fallback[0].contains("EPERM"),
+        "the device cgroup's refusal is the reason: {}",
+        fallback[0]
+    );
+    // It really reads: a line logged now is seen.
+    mark_read_position(&hw);
+    let (_, status) = hw.terminate();
+    assert!(status.success());
 }

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hangwatch::config::Config;
+use hangwatch::config::{Config, KernelLogSource};
 use hangwatch::detectors::kernel::{
-    KernelEvent, KernelLogCounters, KernelLogDetector, KmsgRead, KmsgReader, POSITION_FILE,
-    SavedPosition, StartPosition, check,
+    KernelEvent, KernelLogCounters, KernelLogDetector, KmsgRead, KmsgReader, LogSource,
+    POSITION_FILE, Position, SavedPosition, StartPosition, check,
 };
 use hangwatch::detectors::{Detector, DetectorContext};
 use hangwatch::heartbeat::Heartbeats;
@@ -197,7 +197,10 @@ fn comm_is(comm: &str) -> impl Fn(&KernelEvent) -> bool + '_ {
 
 fn saved_seq(state_dir: &Path) -> Option<u64> {
     let text = fs::read_to_string(state_dir.join(POSITION_FILE)).ok()?;
-    SavedPosition::parse(&text).map(|p| p.seq)
+    match SavedPosition::parse(&text)?.position {
+        Position::Seq(seq) => Some(seq),
+        Position::Timestamp(_) => None,
+    }
 }
 
 /// A real OOM kill in a memory cgroup of `hierarchy` limited through `limits`, of a process
@@ -567,6 +570,32 @@ fn check_reads_back_over_the_look_back_window_without_waiting() {
     let report = check(&config).unwrap();
     assert!(!report.events.iter().any(comm_is(&comm)));
     assert!(report.counters.ignored_non_kernel >= 1);
+}
+
+#[test]
+fn check_reads_back_through_syslog_too() {
+    let _serial = serial();
+    let comm = format!("hw-check-syslog-{}", unique());
+    write_kmsg(&forged_oom_line(&comm));
+    let mut config = config(&temp_dir("check-syslog"), true);
+    config.kernel_log.source = KernelLogSource::Syslog;
+    config.kernel_log.check_lookback = Duration::from_secs(600);
+    let started = Instant::now();
+    let report = check(&config).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(report.source, LogSource::Syslog);
+    let event = report
+        .events
+        .iter()
+        .find(|e| comm_is(&comm)(e))
+        .expect("recent event found through syslog(2)");
+    assert_eq!(event.facility, 1, "facility kept from <pri>");
+    assert!(report.counters.records_read >= 1);
+
+    // Nothing older than the window: a window of zero reads back nothing of what is held.
+    config.kernel_log.check_lookback = Duration::ZERO;
+    let report = check(&config).unwrap();
+    assert!(!report.events.iter().any(comm_is(&comm)));
 }
 
 #[test]

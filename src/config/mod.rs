@@ -96,11 +96,27 @@ pub struct ContainerdConfig {
     pub pidfile: PathBuf,
 }
 
+/// Where the kernel log is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelLogSource {
+    /// `/dev/kmsg`; syslog(2) when the kernel refuses to open it (an unprivileged container).
+    Auto,
+    /// Only `kernel_log.path`.
+    Kmsg,
+    /// Only syslog(2), polled every `kernel_log.syslog_poll_interval` (needs CAP_SYSLOG when
+    /// `kernel.dmesg_restrict` is 1).
+    Syslog,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelLogConfig {
     pub enabled: bool,
+    pub source: KernelLogSource,
     pub path: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub syslog_poll_interval: Duration,
     pub accept_non_kernel: bool,
     #[serde(with = "humantime_serde")]
     pub check_lookback: Duration,
@@ -289,7 +305,9 @@ impl Default for KernelLogConfig {
     fn default() -> Self {
         KernelLogConfig {
             enabled: true,
+            source: KernelLogSource::Auto,
             path: "/dev/kmsg".into(),
+            syslog_poll_interval: secs(1),
             accept_non_kernel: false,
             check_lookback: secs(600),
             retry_initial: secs(1),
@@ -409,6 +427,10 @@ impl Config {
             ("proc_scan.interval", self.proc_scan.interval),
             ("proc_scan.read_deadline", self.proc_scan.read_deadline),
             ("kernel_log.retry_initial", self.kernel_log.retry_initial),
+            (
+                "kernel_log.syslog_poll_interval",
+                self.kernel_log.syslog_poll_interval,
+            ),
             ("dumps.wait", self.dumps.wait),
         ];
         for (key, value) in positive {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::containers::ContainerDirectory;
-use crate::detectors::kernel::{KernelConditions, KernelEvent};
+use crate::detectors::kernel::{KernelConditions, KernelEvent, LogSource};
 
 /// A kernel event with the wall-clock time it was logged.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +32,8 @@ pub struct ConditionStatus {
 pub struct KernelStatus {
     /// None until the detector first reported.
     pub up: Option<bool>,
+    /// The interface being read while up.
+    pub source: Option<LogSource>,
     pub error: Option<String>,
     pub records_read: u64,
     pub records_lost: u64,

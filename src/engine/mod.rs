@@ -28,7 +28,7 @@ use crate::detectors::probe;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::{
     DaemonLabels, DumpResultLabels, FailureLabels, Metrics, OomLabels, OperationLabels, RuleLabels,
-    RuntimeLabels, RuntimeStateLabels, ScopeLabels,
+    RuntimeLabels, RuntimeStateLabels, ScopeLabels, SourceLabels,
 };
 use crate::signal::{ProbeFailure, Runtime, Signal, SignalReceiver, SignalSender};
 use dump_policy::{Decision, DumpPolicy};
@@ -362,8 +362,9 @@ impl Engine {
             Signal::Dump(event) => self.apply_dump_event(event),
             Signal::Kernel(event) => self.apply_kernel_event(*event),
             Signal::KernelLogCounters(counters) => self.apply_kernel_counters(&counters),
-            Signal::KernelLogUp { .. } => {
+            Signal::KernelLogUp { source, .. } => {
                 self.metrics.kernel_log_up.set(1);
+                self.set_kernel_log_source(Some(source));
                 self.kernel.status.up = Some(true);
                 self.kernel.status.error = None;
                 self.kernel_dirty = true;
@@ -371,6 +372,7 @@ impl Engine {
             Signal::ProcScan(report) => self.apply_scan(*report),
             Signal::KernelLogDown { error, .. } => {
                 self.metrics.kernel_log_up.set(0);
+                self.set_kernel_log_source(None);
                 self.kernel.status.up = Some(false);
                 self.kernel.status.error = Some(error);
                 self.kernel_dirty = true;
@@ -392,6 +394,18 @@ impl Engine {
         self.proc_published = Some(Arc::new(applied.view));
         self.record_incident_changes(changes);
         self.publish(Instant::now());
+    }
+
+    fn set_kernel_log_source(&mut self, active: Option<kernel_log::LogSource>) {
+        for source in kernel_log::LogSource::ALL {
+            self.metrics
+                .kernel_log_source
+                .get_or_create(&SourceLabels {
+                    source: source.label(),
+                })
+                .set(i64::from(active == Some(source)));
+        }
+        self.kernel.status.source = active;
     }
 
     fn apply_kernel_counters(&mut self, counters: &KernelLogCounters) {

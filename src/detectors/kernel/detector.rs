@@ -1,9 +1,9 @@
-//! The kernel log detector: reads `/dev/kmsg` as records arrive, turns them into events and
-//! counter deltas, retries with backoff when the log cannot be read, and keeps its position
-//! across restarts.
+//! The kernel log detector: reads `/dev/kmsg` as records arrive (or polls syslog(2) where
+//! `/dev/kmsg` may not be opened), turns them into events and counter deltas, retries with
+//! backoff when the log cannot be read, and keeps its position across restarts.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,10 +14,12 @@ use tokio::time::MissedTickBehavior;
 
 use super::event::{KernelEvent, KernelLogCounters};
 use super::pipeline::Pipeline;
-use super::position::{BOOT_ID_PATH, PositionStore};
+use super::position::{BOOT_ID_PATH, Position, PositionStore};
 use super::reader::{KmsgRead, KmsgReader, ReaderError, StartPosition};
 use super::record::RecordError;
-use crate::config::Config;
+use super::source::{self, LogSource, OpenLog};
+use super::syslog::SyslogReader;
+use crate::config::{Config, KernelLogConfig};
 use crate::detectors::{Detector, DetectorContext, DetectorFuture};
 use crate::signal::Signal;
 
@@ -99,8 +101,10 @@ struct Run {
     path: PathBuf,
     pipeline: Pipeline,
     store: PositionStore,
-    /// The last seq consumed, across reopenings.
-    position: Option<u64>,
+    /// How far reading got, across reopenings.
+    position: Option<Position>,
+    /// The fall back to syslog(2) has been explained at warn once.
+    fallback_explained: bool,
     pending: KernelLogCounters,
     malformed_log: LogLimiter,
     lost_log: LogLimiter,
@@ -132,6 +136,7 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
         pipeline,
         store,
         position: None,
+        fallback_explained: false,
         pending: KernelLogCounters::default(),
         malformed_log: LogLimiter::default(),
         lost_log: LogLimiter::default(),
@@ -140,18 +145,28 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
     };
     let mut backoff = kernel.retry_initial;
     loop {
-        let start = run.position.map_or(first_start, StartPosition::AfterSeq);
-        let stop = match open_watched(&run.path, start).await {
-            Ok(watched) => {
+        let start = run
+            .position
+            .as_ref()
+            .map_or_else(|| first_start.clone(), Position::resume);
+        let stop = match open_watched(kernel, start.clone()).await {
+            Ok((watched, kmsg_refused)) => {
                 backoff = kernel.retry_initial;
-                tracing::info!(path = %run.path.display(), ?start, "reading the kernel log");
+                let source = watched.source();
+                run.explain_source(source, kmsg_refused.as_ref(), &start);
                 let up = Signal::KernelLogUp {
                     path: run.path.clone(),
+                    source,
                 };
-                if send(&run.ctx, up).await {
-                    run.pump(watched).await
-                } else {
+                if !send(&run.ctx, up).await {
                     Stop::Finished
+                } else {
+                    match watched {
+                        Watched::Kmsg(reader) => run.pump_kmsg(reader).await,
+                        Watched::Syslog(reader) => {
+                            run.pump_syslog(reader, kernel.syslog_poll_interval).await
+                        }
+                    }
                 }
             }
             Err(e) => Stop::Failed(e),
@@ -175,30 +190,53 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
         backoff = (backoff * 2).min(kernel.retry_max);
     }
     run.flush_final_counters().await;
-    run.store.save_now(run.position).await;
+    run.store.save_now(run.position.as_ref()).await;
+}
+
+/// An open kernel log, ready to be read from the async threads.
+enum Watched {
+    /// Registered for readiness: records are read as they arrive.
+    Kmsg(AsyncFd<KmsgReader>),
+    /// Cannot be waited on: polled.
+    Syslog(SyslogReader),
+}
+
+impl Watched {
+    fn source(&self) -> LogSource {
+        match self {
+            Watched::Kmsg(_) => LogSource::Kmsg,
+            Watched::Syslog(_) => LogSource::Syslog,
+        }
+    }
 }
 
 /// Open off the async threads (starting at the end scans the whole kernel buffer once), then
-/// register for readiness.
+/// register `/dev/kmsg` for readiness. Also returns why `auto` did not read `/dev/kmsg`.
 async fn open_watched(
-    path: &Path,
+    kernel: &KernelLogConfig,
     start: StartPosition,
-) -> Result<AsyncFd<KmsgReader>, ReaderError> {
-    let owned = path.to_path_buf();
-    let reader = tokio::task::spawn_blocking(move || KmsgReader::open(&owned, start))
+) -> Result<(Watched, Option<ReaderError>), ReaderError> {
+    let config = kernel.clone();
+    let opened = tokio::task::spawn_blocking(move || source::open(&config, start))
         .await
         .map_err(|join| ReaderError::Watch {
-            path: path.to_path_buf(),
+            path: kernel.path.clone(),
             source: io::Error::other(join),
         })??;
-    // SAFETY: the reader owns its descriptor, never replaces or closes it while it lives, and
-    // `as_raw_fd` always returns that one.
-    unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(|failed| {
-        ReaderError::Watch {
-            path: path.to_path_buf(),
-            source: failed.into_parts().1,
-        }
-    })
+    let watched = match opened.log {
+        OpenLog::Syslog(reader) => Watched::Syslog(reader),
+        // SAFETY: the reader owns its descriptor, never replaces or closes it while it lives,
+        // and `as_raw_fd` always returns that one.
+        OpenLog::Kmsg(reader) => Watched::Kmsg(
+            unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(
+                |failed| ReaderError::Watch {
+                    path: kernel.path.clone(),
+                    source: failed.into_parts().1,
+                },
+            )?,
+        ),
+    };
+    Ok((watched, opened.kmsg_refused))
 }
 
 /// Deliver a signal unless shutdown comes first; false when it did or the engine is gone.
@@ -222,10 +260,37 @@ async fn idle_until_shutdown(ctx: &DetectorContext) {
 }
 
 impl Run {
-    /// Read until shutdown or a read error.
-    async fn pump(&mut self, mut watched: AsyncFd<KmsgReader>) -> Stop {
+    /// Say which source is read; why not `/dev/kmsg` at warn the first time only, since every
+    /// reopening after a failure decides the same way.
+    fn explain_source(
+        &mut self,
+        source: LogSource,
+        kmsg_refused: Option<&ReaderError>,
+        start: &StartPosition,
+    ) {
+        match kmsg_refused {
+            Some(refused) if !self.fallback_explained => {
+                self.fallback_explained = true;
+                tracing::warn!(
+                    source = source.label(),
+                    kmsg_error = %refused,
+                    ?start,
+                    "/dev/kmsg may not be opened: reading the kernel log through syslog(2)"
+                );
+            }
+            _ => tracing::info!(
+                source = source.label(),
+                path = %self.path.display(),
+                ?start,
+                "reading the kernel log"
+            ),
+        }
+    }
+
+    /// Read `/dev/kmsg` as records arrive, until shutdown or a read error.
+    async fn pump_kmsg(&mut self, mut watched: AsyncFd<KmsgReader>) -> Stop {
         if let Some(seq) = watched.get_ref().last_seq() {
-            self.position = Some(seq);
+            self.position = Some(Position::Seq(seq));
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -238,7 +303,7 @@ impl Run {
                     if !self.flush_counters().await {
                         return Stop::Finished;
                     }
-                    self.store.save_throttled(self.position).await;
+                    self.store.save_throttled(self.position.as_ref()).await;
                 }
                 ready = watched.readable_mut() => {
                     let mut guard = match ready {
@@ -251,33 +316,88 @@ impl Run {
                         let reader = guard.get_inner_mut();
                         let read = reader.read_next();
                         if let Some(seq) = reader.last_seq() {
-                            self.position = Some(seq);
+                            self.position = Some(Position::Seq(seq));
                         }
                         match read {
                             Ok(KmsgRead::Drained) => {
                                 guard.clear_ready();
                                 break;
                             }
-                            Ok(KmsgRead::Skipped) => {}
-                            Ok(KmsgRead::Malformed(error)) => self.log_malformed(&error),
-                            Ok(KmsgRead::Record(record)) => {
-                                for event in self.pipeline.process(&record) {
-                                    if !self.deliver(event).await {
-                                        return Stop::Finished;
-                                    }
+                            Ok(read) => {
+                                if !self.handle(read).await {
+                                    return Stop::Finished;
                                 }
                             }
                             Err(error) => {
-                                self.collect_counters(guard.get_inner_mut());
+                                self.collect_counters(guard.get_inner_mut().take_counters());
                                 return Stop::Failed(error);
                             }
                         }
                     }
-                    self.collect_counters(guard.get_inner_mut());
+                    self.collect_counters(guard.get_inner_mut().take_counters());
                     self.ctx.heartbeat.beat();
                 }
             }
         }
+    }
+
+    /// Poll syslog(2) every `poll_interval`, until shutdown or a read error.
+    async fn pump_syslog(&mut self, mut reader: SyslogReader, poll_interval: Duration) -> Stop {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            // What opening or the last poll queued (a 1 MiB copy and parse: fine inline).
+            loop {
+                match reader.read_next() {
+                    KmsgRead::Drained => break,
+                    read => {
+                        if !self.handle(read).await {
+                            return Stop::Finished;
+                        }
+                    }
+                }
+            }
+            // Only once its records are handled, so a restart never skips them.
+            if let Some(mark) = reader.mark() {
+                self.position = Some(Position::Timestamp(mark.clone()));
+            }
+            self.collect_counters(reader.take_counters());
+            tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled() => return Stop::Finished,
+                _ = tick.tick() => {
+                    self.ctx.heartbeat.beat();
+                    if !self.flush_counters().await {
+                        return Stop::Finished;
+                    }
+                    self.store.save_throttled(self.position.as_ref()).await;
+                }
+                _ = poll.tick() => {
+                    if let Err(error) = reader.poll() {
+                        self.collect_counters(reader.take_counters());
+                        return Stop::Failed(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turn one read into events; false when shutdown came first or the engine is gone.
+    async fn handle(&mut self, read: KmsgRead) -> bool {
+        match read {
+            KmsgRead::Drained | KmsgRead::Skipped => {}
+            KmsgRead::Malformed(error) => self.log_malformed(&error),
+            KmsgRead::Record(record) => {
+                for event in self.pipeline.process(&record) {
+                    if !self.deliver(event).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// Wait out a backoff, beating meanwhile; false at shutdown.
@@ -299,8 +419,7 @@ impl Run {
         }
     }
 
-    fn collect_counters(&mut self, reader: &mut KmsgReader) {
-        let read = reader.take_counters();
+    fn collect_counters(&mut self, read: KernelLogCounters) {
         if read.lost > 0
             && let Some(suppressed) = self.lost_log.allow()
         {

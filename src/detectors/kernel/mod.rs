@@ -1,8 +1,10 @@
 //! The kernel log detector: OOM kills (whose victim is `runc:[2:INIT]` wedges the runtime),
 //! hung tasks, lockups, RCU stalls, filesystem errors, pids and conntrack limits.
 //!
-//! `/dev/kmsg` → [`KmsgReader`] (records, exact loss accounting) → [`Pipeline`] (facility
-//! filter → one `RegexSet` pass over the rules → OOM correlator → classification) → [`KernelEvent`]s, sent as
+//! `/dev/kmsg` → [`KmsgReader`] (records, exact loss accounting), or syslog(2) polled by
+//! [`SyslogReader`] where `/dev/kmsg` may not be opened (same records, new ones told by
+//! timestamp) → [`Pipeline`] (facility filter → one `RegexSet` pass over the rules → OOM
+//! correlator → classification) → [`KernelEvent`]s, sent as
 //! [`Signal::Kernel`](crate::signal::Signal::Kernel) by [`KernelLogDetector`]; [`check`] does
 //! the same once, synchronously, over a look-back window.
 
@@ -15,6 +17,8 @@ mod position;
 mod reader;
 mod record;
 mod rules;
+mod source;
+mod syslog;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -28,10 +32,14 @@ pub use event::{
     RUNC_INIT_COMM, classify_hung_task, classify_oom_victim, is_runtime_comm, owner_of_path,
 };
 pub use pipeline::Pipeline;
-pub use position::{BOOT_ID_PATH, POSITION_FILE, SavedPosition};
+pub use position::{BOOT_ID_PATH, POSITION_FILE, Position, SavedPosition};
 pub use reader::{KmsgRead, KmsgReader, RECORD_BUFFER_SIZE, ReaderError, StartPosition};
 pub use record::{FACILITY_KERN, Record, RecordError, parse_record};
 pub use rules::{DEFAULT_RULES_YAML, HUNG_TASK_RULE, OOM_KILL_RULE, RuleError, default_rules};
+pub use source::{LogSource, falls_back_to_syslog};
+pub use syslog::{
+    SyslogEntry, SyslogLine, SyslogReader, TimestampMark, parse_syslog_text, select_new,
+};
 
 use crate::config::Config;
 use crate::detectors::Detector;
@@ -48,10 +56,12 @@ pub fn detector(config: &Config) -> Option<Box<dyn Detector>> {
 const CHECK_READ_BUDGET: Duration = Duration::from_secs(5);
 
 /// What [`check`] found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CheckReport {
     pub events: Vec<KernelEvent>,
     pub counters: KernelLogCounters,
+    /// The interface read.
+    pub source: LogSource,
 }
 
 #[derive(Debug, Error)]
@@ -67,12 +77,11 @@ pub enum CheckError {
 pub fn check(config: &Config) -> Result<CheckReport, CheckError> {
     let kernel = &config.kernel_log;
     let mut pipeline = Pipeline::new(kernel, &config.containerd.namespaces)?;
-    let mut reader =
-        KmsgReader::open(&kernel.path, StartPosition::LookBack(kernel.check_lookback))?;
+    let mut log = source::open(kernel, StartPosition::LookBack(kernel.check_lookback))?.log;
     let give_up = Instant::now() + CHECK_READ_BUDGET;
     let mut events = Vec::new();
     while Instant::now() < give_up {
-        match reader.read_next()? {
+        match log.read_next()? {
             KmsgRead::Drained => break,
             KmsgRead::Skipped | KmsgRead::Malformed(_) => {}
             KmsgRead::Record(record) => events.extend(pipeline.process(&record)),
@@ -84,9 +93,13 @@ pub fn check(config: &Config) -> Result<CheckReport, CheckError> {
             pipeline.attribute_hung_task(event, text.as_deref());
         }
     }
-    let mut counters = reader.take_counters();
+    let mut counters = log.take_counters();
     counters += pipeline.take_counters();
-    Ok(CheckReport { events, counters })
+    Ok(CheckReport {
+        events,
+        counters,
+        source: log.source(),
+    })
 }
 
 /// `/proc/<pid>/cgroup` within `proc_scan.read_deadline`: the read takes the cgroup mutex,

@@ -1,6 +1,7 @@
 //! Where reading stopped, kept across restarts so that each kernel event is counted once:
-//! `<state_dir>/kmsg.position` holds the boot id and the last seq consumed. A seq is only
-//! meaningful within one boot, hence the boot id.
+//! `<state_dir>/kmsg.position` holds the boot id and the last seq consumed from `/dev/kmsg`,
+//! or for the syslog(2) source the newest timestamp read and hashes of the records at it.
+//! Both are only meaningful within one boot, hence the boot id.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::reader::StartPosition;
+use super::syslog::TimestampMark;
 
 pub const POSITION_FILE: &str = "kmsg.position";
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -20,42 +22,88 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the state directory's filesystem, which may itself be the one failing.
 const IO_DEADLINE: Duration = Duration::from_secs(2);
 
+/// How far reading got, in the terms of the source read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// `/dev/kmsg`: the last seq consumed.
+    Seq(u64),
+    /// syslog(2): the newest timestamp read and the records at it.
+    Timestamp(TimestampMark),
+}
+
+impl Position {
+    /// Where to start reading to resume after this position.
+    pub fn resume(&self) -> StartPosition {
+        match self {
+            Position::Seq(seq) => StartPosition::AfterSeq(*seq),
+            Position::Timestamp(mark) => StartPosition::AfterTimestamp(mark.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedPosition {
     pub boot_id: String,
-    pub seq: u64,
+    pub position: Position,
 }
 
 impl SavedPosition {
     pub fn parse(text: &str) -> Option<SavedPosition> {
         let mut boot_id = None;
         let mut seq = None;
+        let mut ts_usec = None;
+        let mut seen = Some(Vec::new());
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("boot_id", value)) if !value.trim().is_empty() => {
                     boot_id = Some(value.trim().to_string());
                 }
                 Some(("seq", value)) => seq = value.trim().parse().ok(),
+                Some(("ts_usec", value)) => ts_usec = value.trim().parse().ok(),
+                Some(("seen", value)) => {
+                    seen = value
+                        .split(',')
+                        .filter(|hash| !hash.trim().is_empty())
+                        .map(|hash| u64::from_str_radix(hash.trim(), 16).ok())
+                        .collect();
+                }
                 _ => {}
             }
         }
+        let position = match (seq, ts_usec, seen) {
+            (Some(seq), None, _) => Position::Seq(seq),
+            (None, Some(ts_usec), Some(mut seen)) => {
+                seen.sort_unstable();
+                Position::Timestamp(TimestampMark { ts_usec, seen })
+            }
+            _ => return None,
+        };
         Some(SavedPosition {
             boot_id: boot_id?,
-            seq: seq?,
+            position,
         })
     }
 
     pub fn render(&self) -> String {
-        format!("boot_id={}\nseq={}\n", self.boot_id, self.seq)
+        match &self.position {
+            Position::Seq(seq) => format!("boot_id={}\nseq={seq}\n", self.boot_id),
+            Position::Timestamp(mark) => {
+                let seen: Vec<String> = mark.seen.iter().map(|h| format!("{h:016x}")).collect();
+                format!(
+                    "boot_id={}\nts_usec={}\nseen={}\n",
+                    self.boot_id,
+                    mark.ts_usec,
+                    seen.join(",")
+                )
+            }
+        }
     }
 }
 
-/// Resume after the saved seq in the same boot; otherwise only new records.
+/// Resume after the saved position in the same boot; otherwise only new records.
 pub fn start_position(saved: Option<&SavedPosition>, boot_id: Option<&str>) -> StartPosition {
     match (saved, boot_id) {
-        (Some(saved), Some(boot_id)) if saved.boot_id == boot_id => {
-            StartPosition::AfterSeq(saved.seq)
-        }
+        (Some(saved), Some(boot_id)) if saved.boot_id == boot_id => saved.position.resume(),
         _ => StartPosition::End,
     }
 }
@@ -92,7 +140,7 @@ pub struct PositionStore {
     state_dir: PathBuf,
     boot_id: Option<String>,
     disabled: bool,
-    saved_seq: Option<u64>,
+    saved: Option<Position>,
     last_save: Option<Instant>,
     in_flight: Option<JoinHandle<io::Result<()>>>,
 }
@@ -117,7 +165,7 @@ impl PositionStore {
             state_dir: state_dir.to_path_buf(),
             disabled: boot_id.is_none(),
             boot_id,
-            saved_seq: None,
+            saved: None,
             last_save: None,
             in_flight: None,
         }
@@ -147,7 +195,7 @@ impl PositionStore {
                 None
             }
         };
-        self.saved_seq = saved.as_ref().map(|s| s.seq);
+        self.saved = saved.as_ref().map(|s| s.position.clone());
         start_position(saved.as_ref(), self.boot_id.as_deref())
     }
 
@@ -160,9 +208,9 @@ impl PositionStore {
         self.disabled = true;
     }
 
-    /// Save `seq` if it moved, at most once per [`SAVE_INTERVAL`] and never with a write
-    /// still in flight.
-    pub async fn save_throttled(&mut self, seq: Option<u64>) {
+    /// Save `position` if it moved, at most once per [`SAVE_INTERVAL`] and never with a
+    /// write still in flight.
+    pub async fn save_throttled(&mut self, position: Option<&Position>) {
         self.reap().await;
         if self.in_flight.is_some()
             || self
@@ -171,31 +219,35 @@ impl PositionStore {
         {
             return;
         }
-        self.start_save(seq);
+        self.start_save(position);
     }
 
-    /// Save `seq` now and wait (within the I/O deadline) for it to be written.
-    pub async fn save_now(&mut self, seq: Option<u64>) {
+    /// Save `position` now and wait (within the I/O deadline) for it to be written.
+    pub async fn save_now(&mut self, position: Option<&Position>) {
         if let Some(handle) = self.in_flight.take() {
             self.finish(handle).await;
         }
-        self.start_save(seq);
+        self.start_save(position);
         if let Some(handle) = self.in_flight.take() {
             self.finish(handle).await;
         }
     }
 
-    fn start_save(&mut self, seq: Option<u64>) {
-        let (Some(seq), Some(boot_id)) = (seq, self.boot_id.clone()) else {
+    fn start_save(&mut self, position: Option<&Position>) {
+        let (Some(position), Some(boot_id)) = (position, self.boot_id.clone()) else {
             return;
         };
-        if self.disabled || self.saved_seq == Some(seq) {
+        if self.disabled || self.saved.as_ref() == Some(position) {
             return;
         }
         let state_dir = self.state_dir.clone();
         let file = self.file();
-        let contents = SavedPosition { boot_id, seq }.render();
-        self.saved_seq = Some(seq);
+        let contents = SavedPosition {
+            boot_id,
+            position: position.clone(),
+        }
+        .render();
+        self.saved = Some(position.clone());
         self.last_save = Some(Instant::now());
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&state_dir)?;
@@ -235,9 +287,37 @@ mod tests {
     fn parse_and_render_round_trip() {
         let p = SavedPosition {
             boot_id: "ce87fbd9-7188-4ecf-9160-4e198354d856".into(),
-            seq: 4242,
+            position: Position::Seq(4242),
         };
         assert_eq!(SavedPosition::parse(&p.render()), Some(p));
+        let mark = TimestampMark {
+            ts_usec: 13_730_783_974,
+            seen: vec![1, 0xfedc_ba98_7654_3210],
+        };
+        let p = SavedPosition {
+            boot_id: "b".into(),
+            position: Position::Timestamp(mark.clone()),
+        };
+        assert_eq!(
+            p.render(),
+            "boot_id=b\nts_usec=13730783974\nseen=0000000000000001,fedcba9876543210\n"
+        );
+        assert_eq!(SavedPosition::parse(&p.render()), Some(p));
+        assert_eq!(
+            start_position(
+                SavedPosition::parse("boot_id=b\nts_usec=5\nseen=\n").as_ref(),
+                Some("b")
+            ),
+            StartPosition::AfterTimestamp(TimestampMark {
+                ts_usec: 5,
+                seen: vec![]
+            })
+        );
+        assert_eq!(
+            SavedPosition::parse("boot_id=b\nts_usec=5\nseen=zz\n"),
+            None
+        );
+        assert_eq!(SavedPosition::parse("boot_id=b\nseq=1\nts_usec=5\n"), None);
         assert_eq!(SavedPosition::parse("seq=1\n"), None);
         assert_eq!(SavedPosition::parse("boot_id=x\nseq=minus one\n"), None);
         assert_eq!(SavedPosition::parse(""), None);
@@ -247,7 +327,7 @@ mod tests {
     fn same_boot_resumes_other_boot_starts_at_the_end() {
         let saved = SavedPosition {
             boot_id: "a".into(),
-            seq: 7,
+            position: Position::Seq(7),
         };
         assert_eq!(
             start_position(Some(&saved), Some("a")),
@@ -275,7 +355,7 @@ mod tests {
 
         let mut store = PositionStore::open(&state, &boot).await;
         assert_eq!(store.start_position().await, StartPosition::End);
-        store.save_now(Some(99)).await;
+        store.save_now(Some(&Position::Seq(99))).await;
         let text = std::fs::read_to_string(state.join(POSITION_FILE)).unwrap();
         assert_eq!(text, "boot_id=boot-1\nseq=99\n");
         assert!(!state.join("kmsg.position.tmp").exists());
@@ -300,9 +380,9 @@ mod tests {
         std::fs::write(&state, "").unwrap();
         let mut store = PositionStore::open(&state, &boot).await;
         assert_eq!(store.start_position().await, StartPosition::End);
-        store.save_now(Some(5)).await;
+        store.save_now(Some(&Position::Seq(5))).await;
         assert!(store.disabled);
-        store.save_throttled(Some(6)).await;
+        store.save_throttled(Some(&Position::Seq(6))).await;
         assert!(store.in_flight.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,18 +14,22 @@ use thiserror::Error;
 
 use super::event::KernelLogCounters;
 use super::record::{Record, RecordError, parse_record};
+use super::syslog::TimestampMark;
 
 /// The kernel formats one record into at most this many bytes (`CONSOLE_EXT_LOG_MAX`).
 pub const RECORD_BUFFER_SIZE: usize = 8192;
 
 /// Where reading starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartPosition {
     /// Only records logged from now on: no replay of history.
     End,
     /// The records after this `seq` (from an earlier run in the same boot). Records between it
     /// and the oldest record still held are counted as lost.
     AfterSeq(u64),
+    /// The records after this mark (from an earlier run of the syslog(2) source in the same
+    /// boot).
+    AfterTimestamp(TimestampMark),
     /// The records logged within this long before now, for the one-shot check. Compared with
     /// CLOCK_MONOTONIC: the printk clock, like it, stops during suspend, whereas BOOTTIME keeps
     /// counting and would shift the window past every record logged after a resume.
@@ -51,6 +55,14 @@ pub enum ReaderError {
     },
     #[error("cannot read CLOCK_MONOTONIC: {0}")]
     Clock(Errno),
+    #[error("syslog(2) {action}: {errno}")]
+    Syslog { action: &'static str, errno: Errno },
+    /// `auto`: /dev/kmsg refused, and syslog(2) too.
+    #[error("{kmsg}; {syslog}")]
+    NoSource {
+        kmsg: Box<ReaderError>,
+        syslog: Box<ReaderError>,
+    },
 }
 
 impl ReaderError {
@@ -61,7 +73,9 @@ impl ReaderError {
             | ReaderError::Stat { errno, .. }
             | ReaderError::Seek { errno, .. }
             | ReaderError::Read { errno, .. }
-            | ReaderError::Clock(errno) => Some(*errno),
+            | ReaderError::Clock(errno)
+            | ReaderError::Syslog { errno, .. } => Some(*errno),
+            ReaderError::NoSource { syslog, .. } => syslog.errno(),
             ReaderError::Watch { source, .. } => source.raw_os_error().map(Errno::from_raw),
             ReaderError::NotCharDevice { .. } => None,
         }
@@ -164,7 +178,9 @@ impl KmsgReader {
             counters: KernelLogCounters::default(),
         };
         match start {
-            StartPosition::End => {
+            // A position saved by the syslog(2) source says nothing about seqs: only new
+            // records.
+            StartPosition::End | StartPosition::AfterTimestamp(_) => {
                 lseek(&reader.fd, 0, Whence::SeekEnd).map_err(|errno| ReaderError::Seek {
                     path: path.to_path_buf(),
                     errno,

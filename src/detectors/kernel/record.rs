@@ -35,6 +35,10 @@ pub enum RecordError {
     NotANumber { field: &'static str, value: String },
     #[error("priority {0} is out of range")]
     PriorityOutOfRange(u32),
+    #[error("line does not start with <priority>")]
+    NoPriority,
+    #[error("timestamp [{0}] is not [seconds.micros]")]
+    BadTimestamp(String),
     #[error("dictionary line {0:?} does not start with a space and contain '='")]
     BadDictionaryLine(String),
 }
@@ -92,7 +96,7 @@ pub fn parse_record(raw: &[u8]) -> Result<Record, RecordError> {
     })
 }
 
-fn number<T: std::str::FromStr>(
+pub(super) fn number<T: std::str::FromStr>(
     field: Option<&[u8]>,
     name: &'static str,
 ) -> Result<T, RecordError> {
