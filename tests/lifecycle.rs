@@ -256,18 +256,7 @@ fn a_frozen_container_makes_a_stuck_stop_reported_with_its_tasks_until_thawed() 
     let frozen = Frozen::freeze(&parent);
 
     let began = Instant::now();
-    let stop = Background(
-        Command::new("timeout")
-            .arg("60")
-            .arg(DOCKER_CLI)
-            .arg("-H")
-            .arg(format!("unix://{}", daemons.docker_socket.display()))
-            .args(["stop", "-t", "1", "frozen"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker stop in the background"),
-    );
+    let stop = docker_in_background(&daemons, &["stop", "-t", "1", "frozen"]);
     let timeout_and_grace = Duration::from_secs(1) + GRACE;
     wait_for(
         "the stuck stop",
@@ -360,6 +349,113 @@ fn a_frozen_container_makes_a_stuck_stop_reported_with_its_tasks_until_thawed() 
         incidents(&hw)
             .into_iter()
             .find(|i| i["id"] == incident_id.as_str() && !i["ended_at"].is_null())
+    });
+    drop(stop);
+}
+
+/// Stalls are declared within seconds, and a stop without SIGKILL is stuck 3 + 2 s after its
+/// first kill.
+const STALL_CONFIG: &str = "probes:\n  interval: 500ms\n  slow_threshold: 1s\n  stall_threshold: 2s\n  deadline: 6s\n\
+dumps:\n  enabled: false\nlifecycle:\n  stop_timeout: 3s\n  stop_grace: 2s\n";
+
+fn events_stream(hw: &Hangwatch) -> Value {
+    stops(hw)["events_stream"].clone()
+}
+
+fn docker_in_background(daemons: &PrivateDaemons, args: &[&str]) -> Background {
+    Background(
+        Command::new("timeout")
+            .arg("90")
+            .arg(DOCKER_CLI)
+            .arg("-H")
+            .arg(format!("unix://{}", daemons.docker_socket.display()))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker CLI in the background"),
+    )
+}
+
+/// dockerd stopped (SIGSTOP) in the middle of a stop: its events stop with it. hangwatch must
+/// neither read the silence as "nothing is stopping" nor lose the stop it saw begin.
+#[test]
+fn a_stalled_dockerd_makes_its_silence_untrusted_and_the_stop_it_began_goes_stuck() {
+    let _timing = exclusive();
+    let daemons = PrivateDaemons::start();
+    let dir = TempDir::new("lifecycle-stalled");
+    daemons.import_image(IMAGE, &[]);
+    let hw = Hangwatch::start(
+        &daemons.hangwatch_config(dir.path(), STALL_CONFIG),
+        dir.path(),
+    );
+    wait_for("a trusted event stream", Duration::from_secs(30), || {
+        (events_stream(&hw)["healthy"] == true).then_some(())
+    });
+    let id = run(&daemons, "slow", IGNORES_SIGTERM, &[]);
+    let began = Instant::now();
+    // SIGKILL would only come after a minute.
+    let stop = docker_in_background(&daemons, &["stop", "-t", "60", "slow"]);
+    wait_for("the stop begun", Duration::from_secs(15), || {
+        stops(&hw)["in_progress"]
+            .as_array()?
+            .iter()
+            .any(|s| s["container"]["id"] == id.as_str())
+            .then_some(())
+    });
+    daemons.signal_dockerd(libc::SIGSTOP);
+
+    let (stream, _) = wait_for(
+        "the stream no longer trusted",
+        Duration::from_secs(15),
+        || {
+            let stream = events_stream(&hw);
+            (stream["healthy"] == false).then_some(stream)
+        },
+    );
+    assert!(
+        stream["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("docker is hung")),
+        "{stream}"
+    );
+    assert_eq!(stream["connected"], true, "{stream}");
+    wait_for("the stop stuck", Duration::from_secs(15), || {
+        (metric(&hw, "hangwatch_stuck_container_stops") == 1.0).then_some(())
+    });
+    let latency = began.elapsed();
+    eprintln!("stuck {latency:?} after the stop began, no event since its first kill");
+    assert!(
+        latency >= Duration::from_secs(5),
+        "before its deadline: {latency:?}"
+    );
+    let stuck = stops(&hw)["in_progress"][0].clone();
+    assert_eq!(stuck["stuck"], true, "{stuck}");
+    assert_eq!(stuck["signals"], serde_json::json!([15]), "{stuck}");
+    let (incident, _) = wait_for(
+        "the stall incident holding the stuck stop",
+        Duration::from_secs(15),
+        || {
+            incidents(&hw)
+                .into_iter()
+                .find(|i| i["ended_at"].is_null() && i["stuck_stops"] == serde_json::json!([id]))
+        },
+    );
+    assert_eq!(
+        incident["layer"], "dockerd",
+        "the stop joined the stall: {incident}"
+    );
+    assert_eq!(incidents(&hw).len(), 1, "one incident, not two");
+
+    daemons.signal_dockerd(libc::SIGCONT);
+    wait_for("the stream trusted again", Duration::from_secs(30), || {
+        (events_stream(&hw)["healthy"] == true).then_some(())
+    });
+    daemons.docker_ok(&["kill", "slow"]);
+    wait_for("the stop ended", Duration::from_secs(15), || {
+        (metric(&hw, "hangwatch_stuck_container_stops") == 0.0 && stuck_series(&hw, &id).is_none())
+            .then(|| recent_stop(&hw, "slow"))
+            .flatten()
     });
     drop(stop);
 }

@@ -8,6 +8,7 @@
 //! (its events are held back with it), `/stops` says the stream is not healthy.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -50,8 +51,8 @@ pub struct StopsView {
     pub grace_seconds: f64,
     /// Oldest first.
     pub in_progress: Vec<StopInProgress>,
-    /// Newest first.
-    pub recent: Vec<StopRecord>,
+    /// Newest first. Shared: rebuilt only when a stop ends.
+    pub recent: Arc<Vec<StopRecord>>,
 }
 
 /// What incidents must hear about a stuck stop.
@@ -79,12 +80,14 @@ pub struct LifecycleState {
     stream: StreamStatus,
     /// What incidents were last told holds each stuck stop.
     reported: BTreeMap<String, HeldBy>,
+    recent: Arc<Vec<StopRecord>>,
 }
 
 impl LifecycleState {
-    pub fn new(config: &LifecycleConfig) -> LifecycleState {
+    /// `docker_enabled`: whether Docker is probed at all (stops come from its events).
+    pub fn new(config: &LifecycleConfig, docker_enabled: bool) -> LifecycleState {
         LifecycleState {
-            enabled: config.enabled,
+            enabled: config.enabled && docker_enabled,
             book: StopBook::new(
                 StopSettings {
                     stop_timeout: config.stop_timeout,
@@ -99,6 +102,7 @@ impl LifecycleState {
                 ..StreamStatus::default()
             },
             reported: BTreeMap::new(),
+            recent: Arc::default(),
         }
     }
 
@@ -146,6 +150,7 @@ impl LifecycleState {
     }
 
     fn completed(&mut self, record: StopRecord, metrics: &Metrics) -> Option<StopIncident> {
+        self.recent = Arc::new(self.book.recent().cloned().collect());
         if record.ended_by == super::stops::Ending::Died {
             metrics
                 .container_stop_duration_seconds
@@ -251,6 +256,7 @@ impl LifecycleState {
     fn judge_stream(&mut self, docker: Option<RuntimeState>) {
         let stream = &mut self.stream;
         let (healthy, reason) = match docker {
+            Some(RuntimeState::Absent) => (true, "docker is not installed: no stops to see".into()),
             _ if !stream.connected => (
                 false,
                 match &stream.last_error {
@@ -313,7 +319,7 @@ impl LifecycleState {
             stop_timeout_seconds: settings.stop_timeout.as_secs_f64(),
             grace_seconds: settings.grace.as_secs_f64(),
             in_progress: self.book.in_progress().into_iter().cloned().collect(),
-            recent: self.book.recent().cloned().collect(),
+            recent: self.recent.clone(),
         }
     }
 }
@@ -381,13 +387,16 @@ mod tests {
     use crate::engine::stops::tests::{die, kill, wall};
 
     fn state(max_stuck_series: usize) -> LifecycleState {
-        LifecycleState::new(&LifecycleConfig {
-            enabled: true,
-            stop_timeout: Duration::from_secs(10),
-            stop_grace: Duration::from_secs(2),
-            recent_stops: 10,
-            max_stuck_series,
-        })
+        LifecycleState::new(
+            &LifecycleConfig {
+                enabled: true,
+                stop_timeout: Duration::from_secs(10),
+                stop_grace: Duration::from_secs(2),
+                recent_stops: 10,
+                max_stuck_series,
+            },
+            true,
+        )
     }
 
     fn owner(id: &str) -> CgroupOwner {
@@ -603,6 +612,11 @@ mod tests {
             stream.reason.contains("closed the event stream"),
             "{}",
             stream.reason
+        );
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Absent), None);
+        assert!(
+            s.view().events_stream.healthy,
+            "no Docker, no stops: silence is the truth"
         );
         s.stream_up(true, &metrics);
         assert_eq!(s.view().events_stream.reconnects, 1);

@@ -167,7 +167,10 @@ impl Engine {
         });
         let (snapshot, receiver) = watch::channel(initial);
         let config_for_kernel = config.clone();
-        let lifecycle = LifecycleState::new(&config.lifecycle);
+        let lifecycle = LifecycleState::new(
+            &config.lifecycle,
+            config.docker.mode != RuntimeMode::Disabled,
+        );
         let engine = Engine {
             dump_policy: DumpPolicy::new(config.dumps.cooldown, config.dumps.max_per_hour),
             config,

@@ -93,9 +93,16 @@ async fn follow(ctx: DetectorContext) {
         ctx.heartbeat.beat();
         let since = timestamp(position.resume_from(start));
         let path = events_path(Some(&since), None);
-        let opened = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            opened = tokio::time::timeout(deadline, open(&socket, &path)) => opened,
+        let opening = tokio::time::timeout(deadline, open(&socket, &path));
+        tokio::pin!(opening);
+        let mut beat = tokio::time::interval(BEAT_EVERY);
+        // A hung dockerd makes opening last the whole deadline: keep beating meanwhile.
+        let opened = loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                opened = &mut opening => break opened,
+                _ = beat.tick() => ctx.heartbeat.beat(),
+            }
         };
         let error = match opened {
             Ok(Ok(body)) => {
