@@ -238,7 +238,7 @@ impl Metrics {
         );
         m.registry.register(
             "hangwatch_incidents",
-            "Incidents opened by a runtime stall",
+            "Incidents opened by a runtime stall or a stuck container stop",
             m.incidents_total.clone(),
         );
         m.registry.register(
