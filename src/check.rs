@@ -170,10 +170,10 @@ pub async fn run(config: Config) -> CheckReport {
                 for event in found.events {
                     engine.apply(Signal::ContainerEvent(Box::new(event)));
                 }
-                for _ in 0..found.malformed {
+                for reason in found.malformed {
                     engine.apply(Signal::EventMalformed {
                         runtime: Runtime::Docker,
-                        reason: "not a usable event".into(),
+                        reason,
                     });
                 }
             }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -37,9 +37,12 @@ pub struct StreamStatus {
     /// Times it was opened again after breaking.
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// While down: when the next attempt is made.
+    pub retry_in_seconds: Option<f64>,
     /// Events applied, and lines skipped as not usable.
     pub events: u64,
     pub malformed: u64,
+    pub last_malformed: Option<String>,
 }
 
 /// What `/stops` serves.
@@ -114,20 +117,23 @@ impl LifecycleState {
             tracing::info!("docker event stream open again");
         }
         self.stream.connected = true;
+        self.stream.retry_in_seconds = None;
     }
 
-    pub fn stream_down(&mut self, error: String, metrics: &Metrics) {
+    pub fn stream_down(&mut self, error: String, retry_in: Duration, metrics: &Metrics) {
         metrics.lifecycle_events_stream_up.set(0);
         if self.stream.connected {
             tracing::warn!(%error, "docker event stream lost; reconnecting");
         }
         self.stream.connected = false;
         self.stream.last_error = Some(error);
+        self.stream.retry_in_seconds = Some(retry_in.as_secs_f64());
     }
 
-    pub fn malformed(&mut self, metrics: &Metrics) {
+    pub fn malformed(&mut self, reason: String, metrics: &Metrics) {
         metrics.lifecycle_events_malformed_total.inc();
         self.stream.malformed += 1;
+        self.stream.last_malformed = Some(reason);
     }
 
     /// Apply one event; a stuck stop that ended is returned for incidents.
@@ -377,8 +383,6 @@ fn gauge(n: usize) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::attribution::CgroupOwner;
     use crate::detectors::procscan::{
@@ -568,6 +572,24 @@ mod tests {
     }
 
     #[test]
+    fn malformed_lines_are_counted_with_the_last_reason() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.malformed("unexpected action \"teleport\"".into(), &metrics);
+        let stream = s.view().events_stream;
+        assert_eq!(stream.malformed, 1);
+        assert_eq!(
+            stream.last_malformed.as_deref(),
+            Some("unexpected action \"teleport\"")
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_lifecycle_events_malformed_total 1")
+        );
+    }
+
+    #[test]
     fn per_container_series_are_bounded_oldest_kept() {
         let metrics = Metrics::new(None);
         let mut s = state(2);
@@ -605,7 +627,11 @@ mod tests {
             "{}",
             stream.reason
         );
-        s.stream_down("the daemon closed the event stream".into(), &metrics);
+        s.stream_down(
+            "the daemon closed the event stream".into(),
+            Duration::from_secs(1),
+            &metrics,
+        );
         s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
         let stream = s.view().events_stream;
         assert!(

@@ -405,12 +405,14 @@ impl Engine {
                 self.lifecycle.stream_up(reconnected, &self.metrics);
                 self.stops_dirty = true;
             }
-            Signal::EventStreamDown { error, .. } => {
-                self.lifecycle.stream_down(error, &self.metrics);
+            Signal::EventStreamDown {
+                error, retry_in, ..
+            } => {
+                self.lifecycle.stream_down(error, retry_in, &self.metrics);
                 self.stops_dirty = true;
             }
-            Signal::EventMalformed { .. } => {
-                self.lifecycle.malformed(&self.metrics);
+            Signal::EventMalformed { reason, .. } => {
+                self.lifecycle.malformed(reason, &self.metrics);
                 self.stops_dirty = true;
             }
         }

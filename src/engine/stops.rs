@@ -318,7 +318,7 @@ pub(crate) mod tests {
         1_800_000_000 * SECOND + ms * 1_000_000
     }
     pub(crate) fn wall(ms: i64) -> SystemTime {
-        crate::detectors::lifecycle::wall_time(t(ms))
+        std::time::UNIX_EPOCH + Duration::from_nanos(t(ms).unsigned_abs())
     }
 
     pub(crate) fn event(id: &str, ms: i64, action: ContainerAction) -> ContainerEvent {

@@ -68,7 +68,7 @@ impl ContainerEvent {
 }
 
 /// Nanoseconds since the epoch as a wall-clock time (times before 1970 are garbage: the epoch).
-pub fn wall_time(time_nano: i64) -> SystemTime {
+fn wall_time(time_nano: i64) -> SystemTime {
     u64::try_from(time_nano).map_or(UNIX_EPOCH, |n| UNIX_EPOCH + Duration::from_nanos(n))
 }
 

@@ -28,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use hyperlocal::UnixConnector;
 
-pub use event::{ContainerAction, ContainerEvent, wall_time};
+pub use event::{ContainerAction, ContainerEvent};
 use event::{Parsed, parse_line};
 use stream::{Backoff, Line, LineSplitter, Position, events_path, timestamp};
 
@@ -240,7 +240,8 @@ fn malformed(reason: String, logged: &mut u32) -> Signal {
 #[derive(Debug, Default)]
 pub struct CheckEvents {
     pub events: Vec<ContainerEvent>,
-    pub malformed: u64,
+    /// Why each unusable line was skipped.
+    pub malformed: Vec<String>,
 }
 
 /// `hangwatch check`: the events dockerd still buffers from the last [`CHECK_LOOKBACK`], read
@@ -259,9 +260,11 @@ pub async fn check(socket: PathBuf, deadline: Duration) -> Result<CheckEvents, S
         let mut note = |line: Line| match line {
             Line::Complete(line) => match parse_line(&line) {
                 Parsed::Event(event) => found.events.push(*event),
-                Parsed::Malformed { .. } => found.malformed += 1,
+                Parsed::Malformed { reason, .. } => found.malformed.push(reason),
             },
-            Line::TooLong => found.malformed += 1,
+            Line::TooLong => found
+                .malformed
+                .push(format!("a line longer than {MAX_LINE} bytes")),
         };
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("event stream broke: {e}"))?;
