@@ -166,6 +166,7 @@ fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_no
         "{text}"
     );
     assert!(text.contains("traps-term"), "{text}");
+    assert!(!text.contains("events not trustworthy"), "{text}");
     let (_, json, _) = run_cli(&[
         "check",
         "--config",

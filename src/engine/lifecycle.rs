@@ -84,6 +84,8 @@ pub struct LifecycleState {
     /// What incidents were last told holds each stuck stop.
     reported: BTreeMap<String, HeldBy>,
     recent: Arc<Vec<StopRecord>>,
+    /// Something `/stops` shows changed since [`changed_view`](Self::changed_view).
+    changed: bool,
 }
 
 impl LifecycleState {
@@ -106,10 +108,12 @@ impl LifecycleState {
             },
             reported: BTreeMap::new(),
             recent: Arc::default(),
+            changed: true,
         }
     }
 
     pub fn stream_up(&mut self, reconnected: bool, metrics: &Metrics) {
+        self.changed = true;
         metrics.lifecycle_events_stream_up.set(1);
         if reconnected {
             metrics.lifecycle_events_stream_reconnects_total.inc();
@@ -121,6 +125,7 @@ impl LifecycleState {
     }
 
     pub fn stream_down(&mut self, error: String, retry_in: Duration, metrics: &Metrics) {
+        self.changed = true;
         metrics.lifecycle_events_stream_up.set(0);
         if self.stream.connected {
             tracing::warn!(%error, "docker event stream lost; reconnecting");
@@ -131,6 +136,7 @@ impl LifecycleState {
     }
 
     pub fn malformed(&mut self, reason: String, metrics: &Metrics) {
+        self.changed = true;
         metrics.lifecycle_events_malformed_total.inc();
         self.stream.malformed += 1;
         self.stream.last_malformed = Some(reason);
@@ -138,6 +144,7 @@ impl LifecycleState {
 
     /// Apply one event; a stuck stop that ended is returned for incidents.
     pub fn apply(&mut self, event: &ContainerEvent, metrics: &Metrics) -> Option<StopIncident> {
+        self.changed = true;
         metrics.lifecycle_events_total.inc();
         self.stream.events += 1;
         match self.book.apply(event) {
@@ -208,6 +215,8 @@ impl LifecycleState {
     ) -> Vec<StopIncident> {
         self.judge_stream(docker);
         let newly_stuck = self.book.evaluate(now);
+        // Stops in progress age with every tick.
+        self.changed |= !self.book.in_progress().is_empty();
         let mut told = Vec::new();
         let stuck_ids: Vec<String> = self
             .book
@@ -280,8 +289,11 @@ impl LifecycleState {
             Some(state) if !state.is_up() => (false, format!("docker is {}", state.as_str())),
             _ => (true, "open; docker answers".into()),
         };
-        stream.healthy = healthy;
-        stream.reason = reason;
+        if stream.healthy != healthy || stream.reason != reason {
+            stream.healthy = healthy;
+            stream.reason = reason;
+            self.changed = true;
+        }
     }
 
     fn update_metrics(&mut self, metrics: &Metrics) {
@@ -313,8 +325,9 @@ impl LifecycleState {
         self.series = current;
     }
 
-    pub fn has_stops_in_progress(&self) -> bool {
-        !self.book.in_progress().is_empty()
+    /// The view, when it changed since the last call.
+    pub fn changed_view(&mut self) -> Option<StopsView> {
+        std::mem::take(&mut self.changed).then(|| self.view())
     }
 
     pub fn view(&self) -> StopsView {
@@ -568,6 +581,28 @@ mod tests {
         assert_eq!(
             view.recent[0].held_by.as_ref().map(|h| h.frozen_tasks),
             Some(2)
+        );
+    }
+
+    #[test]
+    fn a_change_of_trust_is_published_even_with_no_stop_going_on() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.stream_up(false, &metrics);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(s.changed_view().is_some_and(|v| v.events_stream.healthy));
+        s.evaluate(wall(1), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(s.changed_view().is_none(), "nothing changed");
+        s.evaluate(wall(2), &metrics, Some(RuntimeState::Wedged), None);
+        let view = s.changed_view().expect("docker wedged: republished");
+        assert!(!view.events_stream.healthy);
+        s.apply(&kill("a", 0, 15), &metrics);
+        assert!(s.changed_view().is_some());
+        s.evaluate(wall(3), &metrics, Some(RuntimeState::Wedged), None);
+        assert!(
+            s.changed_view()
+                .is_some_and(|v| v.in_progress[0].seconds == 0.003),
+            "a stop in progress ages"
         );
     }
 

@@ -117,8 +117,6 @@ pub struct Engine {
     proc_published: Option<Arc<ProcScanView>>,
     lifecycle: LifecycleState,
     stops_published: Arc<StopsView>,
-    /// Stops changed since they were last published.
-    stops_dirty: bool,
     /// Container ids looked up recently, so an unknown id is not asked about again and again.
     resolving: HashMap<String, Instant>,
     actions: Option<Actions>,
@@ -188,7 +186,6 @@ impl Engine {
             proc_published: None,
             lifecycle,
             stops_published: Arc::default(),
-            stops_dirty: true,
             resolving: HashMap::new(),
             actions,
             snapshot,
@@ -399,21 +396,17 @@ impl Engine {
                 if let Some(ended) = self.lifecycle.apply(&event, &self.metrics) {
                     self.record_stop_incidents(vec![ended]);
                 }
-                self.stops_dirty = true;
             }
             Signal::EventStreamUp { reconnected, .. } => {
                 self.lifecycle.stream_up(reconnected, &self.metrics);
-                self.stops_dirty = true;
             }
             Signal::EventStreamDown {
                 error, retry_in, ..
             } => {
                 self.lifecycle.stream_down(error, retry_in, &self.metrics);
-                self.stops_dirty = true;
             }
             Signal::EventMalformed { reason, .. } => {
                 self.lifecycle.malformed(reason, &self.metrics);
-                self.stops_dirty = true;
             }
         }
     }
@@ -453,10 +446,6 @@ impl Engine {
             docker,
             self.proc_published.as_deref(),
         );
-        if self.lifecycle.has_stops_in_progress() {
-            // Their age changes with every tick.
-            self.stops_dirty = true;
-        }
         self.record_stop_incidents(told);
     }
 
@@ -866,9 +855,8 @@ impl Engine {
                 }
             })
             .collect();
-        if self.stops_dirty {
-            self.stops_published = Arc::new(self.lifecycle.view());
-            self.stops_dirty = false;
+        if let Some(view) = self.lifecycle.changed_view() {
+            self.stops_published = Arc::new(view);
         }
         self.snapshot.send_replace(Arc::new(Snapshot {
             node: self.node.clone(),
