@@ -12,12 +12,16 @@ use tokio::sync::mpsc;
 
 use crate::actions::incident_store;
 use crate::config::Config;
+use crate::config::RuntimeMode;
 use crate::config::Severity;
 use crate::detectors::kernel::{self as kernel_log, LogSource};
+use crate::detectors::lifecycle;
 use crate::detectors::probe;
 use crate::detectors::procscan::{ProcScanner, ScanReport, Scope};
 use crate::engine::incidents::Incident;
+use crate::engine::lifecycle::StopsView;
 use crate::engine::runtime::RuntimeState;
+use crate::engine::stops::{HeldBy, SIGKILL};
 use crate::engine::{Engine, Snapshot};
 use crate::signal::{ProbeFailure, Runtime, Signal, Unreachable};
 
@@ -28,9 +32,10 @@ const STALL_MARGIN: Duration = Duration::from_millis(200);
 /// How long a task must stay in D to be listed by `check`.
 const CHECK_DSTATE_WINDOW: Duration = Duration::from_secs(1);
 
-/// Incidents and kernel events shown in the report.
+/// Incidents, kernel events and container stops shown in the report.
 const RECENT_INCIDENTS: usize = 5;
 const RECENT_KERNEL_EVENTS: usize = 10;
+const RECENT_STOPS: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,6 +65,8 @@ pub struct CheckReport {
     pub snapshot: Snapshot,
     /// Incidents on disk, newest first (open ones are problems).
     pub incidents: Vec<Incident>,
+    /// Container stops of the last 10 minutes that dockerd still buffers.
+    pub stops: StopsView,
 }
 
 pub async fn run(config: Config) -> CheckReport {
@@ -97,6 +104,16 @@ pub async fn run(config: Config) -> CheckReport {
     } else {
         None
     };
+
+    let lifecycle_events = (config.lifecycle.enabled
+        && config.docker.mode != RuntimeMode::Disabled
+        && config.docker.socket.exists())
+    .then(|| {
+        tokio::spawn(lifecycle::check(
+            config.docker.socket.clone(),
+            config.probes.stall_threshold + STALL_MARGIN,
+        ))
+    });
 
     let scan = config.proc_scan.enabled.then(|| {
         let scan_config = config.clone();
@@ -138,6 +155,34 @@ pub async fn run(config: Config) -> CheckReport {
                 config.kernel_log.path.display()
             )),
             Err(e) => unchecked.push(format!("kernel log: {e}")),
+        }
+    }
+    if let Some(events) = lifecycle_events {
+        // A failure shows in the stops section; the docker probe already judges the runtime.
+        let read = events
+            .await
+            .unwrap_or_else(|e| Err(format!("reading events failed: {e}")));
+        match read {
+            Ok(found) => {
+                engine.apply(Signal::EventStreamUp {
+                    runtime: Runtime::Docker,
+                    reconnected: false,
+                });
+                for event in found.events {
+                    engine.apply(Signal::ContainerEvent(Box::new(event)));
+                }
+                for reason in found.malformed {
+                    engine.apply(Signal::EventMalformed {
+                        runtime: Runtime::Docker,
+                        reason,
+                    });
+                }
+            }
+            Err(error) => engine.apply(Signal::EventStreamDown {
+                runtime: Runtime::Docker,
+                error,
+                retry_in: Duration::ZERO,
+            }),
         }
     }
     if let Some(scan) = scan {
@@ -186,6 +231,7 @@ fn report(snapshot: Snapshot, denied: &[Runtime], mut unchecked: Vec<String>) ->
     let mut problems: Vec<String> = problems.into_iter().map(|(_, p)| p).collect();
     problems.extend(kernel_problems(&snapshot));
     problems.extend(proc_problems(&snapshot));
+    problems.extend(stop_problems(&snapshot.stops));
     let incidents: Vec<Incident> = snapshot
         .incidents
         .iter()
@@ -200,13 +246,43 @@ fn report(snapshot: Snapshot, denied: &[Runtime], mut unchecked: Vec<String>) ->
     } else {
         Outcome::Healthy
     };
+    let stops = snapshot.stops.as_ref().clone();
     CheckReport {
         outcome,
         problems,
         unchecked,
         snapshot,
         incidents,
+        stops,
     }
+}
+
+/// Stuck container stops.
+fn stop_problems(stops: &StopsView) -> Vec<String> {
+    stops
+        .in_progress
+        .iter()
+        .filter(|s| s.stuck)
+        .map(|s| {
+            let name = s.container.name.as_deref().unwrap_or(&s.container.id);
+            let image = s.container.image.as_deref().unwrap_or("?");
+            let sigkill = if s.signals.contains(&SIGKILL) {
+                ", SIGKILL sent"
+            } else {
+                ""
+            };
+            let held = s
+                .held_by
+                .as_ref()
+                .and_then(HeldBy::describe)
+                .map(|h| format!(": held by {h}"))
+                .unwrap_or_default();
+            format!(
+                "stop of container {name} (image {image}) stuck for {:.0}s{sigkill}{held}",
+                s.seconds
+            )
+        })
+        .collect()
 }
 
 /// Kernel events that make a node unhealthy: critical rules, OOM kills of runc or of the
@@ -405,6 +481,7 @@ impl CheckReport {
                 );
             }
         }
+        self.render_stops(&mut out);
         if !self.incidents.is_empty() {
             let _ = writeln!(out, "\nRecent incidents");
             let now = std::time::SystemTime::now();
@@ -413,6 +490,70 @@ impl CheckReport {
             }
         }
         out
+    }
+
+    /// Stops in progress and recent ones, and the images that ignored their stop signal.
+    fn render_stops(&self, out: &mut String) {
+        let stops = &self.stops;
+        if !stops.enabled {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nContainer stops (last {} min)",
+            lifecycle::CHECK_LOOKBACK.as_secs() / 60
+        );
+        let stream = &stops.events_stream;
+        if !stream.healthy {
+            let _ = writeln!(out, "  events not trustworthy: {}", stream.reason);
+        }
+        for stop in &stops.in_progress {
+            let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
+            let state = if stop.stuck { "STUCK" } else { "stopping" };
+            let _ = writeln!(
+                out,
+                "  {state:<9} {:>6.1}s  {name:<24} {}  signals {:?}",
+                stop.seconds,
+                stop.container.image.as_deref().unwrap_or("?"),
+                stop.signals
+            );
+        }
+        if stops.recent.is_empty() && stops.in_progress.is_empty() {
+            let _ = writeln!(out, "  none");
+        }
+        for stop in stops.recent.iter().take(RECENT_STOPS) {
+            let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
+            let how = if stop.escalated {
+                "SIGKILL (ignored its stop signal)"
+            } else {
+                "exited on its stop signal"
+            };
+            let _ = writeln!(
+                out,
+                "  stopped   {:>6.1}s  {name:<24} {}  {how}",
+                stop.duration_seconds,
+                stop.container.image.as_deref().unwrap_or("?")
+            );
+        }
+        let mut ignoring: Vec<(&str, usize)> = Vec::new();
+        for stop in stops.recent.iter().filter(|s| s.escalated) {
+            let image = stop.container.image.as_deref().unwrap_or("?");
+            match ignoring.iter_mut().find(|(i, _)| *i == image) {
+                Some((_, n)) => *n += 1,
+                None => ignoring.push((image, 1)),
+            }
+        }
+        if !ignoring.is_empty() {
+            let list: Vec<String> = ignoring
+                .iter()
+                .map(|(image, n)| format!("{image} ({n})"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  images whose containers ignored their stop signal: {}",
+                list.join(", ")
+            );
+        }
     }
 }
 
@@ -441,6 +582,7 @@ mod tests {
             kernel_log: Arc::default(),
             proc_scan: None,
             incidents: Arc::default(),
+            stops: Arc::default(),
         }
     }
 

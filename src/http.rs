@@ -1,4 +1,5 @@
-//! The HTTP server: `/metrics`, `/healthz`, `/status`. It only reads what the engine publishes.
+//! The HTTP server: `/metrics`, `/healthz`, `/status`, `/events`, `/incidents`, `/stops`. It
+//! only reads what the engine publishes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub fn router(readers: Readers) -> Router {
         .route("/events", get(events))
         .route("/incidents", get(incidents))
         .route("/incidents/{id}", get(incident))
+        .route("/stops", get(stops))
         .with_state(readers)
 }
 
@@ -115,4 +117,11 @@ async fn incident(State(readers): State<Readers>, Path(id): Path<String>) -> Res
 async fn events(State(readers): State<Readers>) -> Response {
     let snapshot = readers.snapshot.borrow().clone();
     axum::Json(&snapshot.kernel_log.events).into_response()
+}
+
+/// Container stops: the event stream's health, stops in progress (stuck ones with what holds
+/// them), recent stops newest first.
+async fn stops(State(readers): State<Readers>) -> Response {
+    let snapshot = readers.snapshot.borrow().clone();
+    axum::Json(snapshot.stops.as_ref()).into_response()
 }

@@ -28,6 +28,12 @@ const PROBE_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 
+/// Container stop duration buckets: 100 ms to 10 min. A stop that ignores its signal lasts its
+/// timeout (10 s for Docker, the pod's grace period under kubelet, 30 s by default).
+const STOP_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 pub type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +141,15 @@ pub struct Metrics {
     pub proc_scan_duration_seconds: Histogram,
     pub proc_scan_tasks: Gauge,
     pub proc_scan_errors_total: Family<KindLabels, Counter>,
+    pub container_stop_duration_seconds: Histogram,
+    pub container_stop_escalations_total: Counter,
+    pub container_stops_in_progress: Gauge,
+    pub stuck_container_stops: Gauge,
+    pub stuck_container_stop_seconds: Family<ContainerLabels, FloatGauge>,
+    pub lifecycle_events_total: Counter,
+    pub lifecycle_events_malformed_total: Counter,
+    pub lifecycle_events_stream_up: Gauge,
+    pub lifecycle_events_stream_reconnects_total: Counter,
 }
 
 impl Metrics {
@@ -177,6 +192,15 @@ impl Metrics {
             proc_scan_duration_seconds: Histogram::new(SCAN_BUCKETS),
             proc_scan_tasks: Gauge::default(),
             proc_scan_errors_total: Family::default(),
+            container_stop_duration_seconds: Histogram::new(STOP_BUCKETS),
+            container_stop_escalations_total: Counter::default(),
+            container_stops_in_progress: Gauge::default(),
+            stuck_container_stops: Gauge::default(),
+            stuck_container_stop_seconds: Family::default(),
+            lifecycle_events_total: Counter::default(),
+            lifecycle_events_malformed_total: Counter::default(),
+            lifecycle_events_stream_up: Gauge::default(),
+            lifecycle_events_stream_reconnects_total: Counter::default(),
             registry,
         };
         m.registry.register(
@@ -221,7 +245,7 @@ impl Metrics {
         );
         m.registry.register(
             "hangwatch_incidents",
-            "Incidents opened by a runtime stall",
+            "Incidents opened by a runtime stall or a stuck container stop",
             m.incidents_total.clone(),
         );
         m.registry.register(
@@ -319,6 +343,51 @@ impl Metrics {
             "hangwatch_proc_scan_errors",
             "/proc scan problems, by kind (vanished tasks are not counted)",
             m.proc_scan_errors_total.clone(),
+        );
+        r.register(
+            "hangwatch_container_stop_duration_seconds",
+            "Container stops, from the first kill to the container's exit (die)",
+            m.container_stop_duration_seconds.clone(),
+        );
+        r.register(
+            "hangwatch_container_stop_escalations",
+            "Container stops that needed SIGKILL: the container ignored its stop signal",
+            m.container_stop_escalations_total.clone(),
+        );
+        r.register(
+            "hangwatch_container_stops_in_progress",
+            "Container stops begun (kill seen) whose container has not exited yet",
+            m.container_stops_in_progress.clone(),
+        );
+        r.register(
+            "hangwatch_stuck_container_stops",
+            "Container stops with no exit within their timeout plus lifecycle.stop_grace",
+            m.stuck_container_stops.clone(),
+        );
+        r.register(
+            "hangwatch_stuck_container_stop_seconds",
+            "Time since the first kill of a stuck stop; only stuck stops, removed when they end",
+            m.stuck_container_stop_seconds.clone(),
+        );
+        r.register(
+            "hangwatch_lifecycle_events",
+            "Container events applied from Docker's event stream, each once",
+            m.lifecycle_events_total.clone(),
+        );
+        r.register(
+            "hangwatch_lifecycle_events_malformed",
+            "Lines of Docker's event stream that were not usable events (skipped)",
+            m.lifecycle_events_malformed_total.clone(),
+        );
+        r.register(
+            "hangwatch_lifecycle_events_stream_up",
+            "1 while Docker's event stream is open",
+            m.lifecycle_events_stream_up.clone(),
+        );
+        r.register(
+            "hangwatch_lifecycle_events_stream_reconnects",
+            "Times Docker's event stream was opened again after it broke",
+            m.lifecycle_events_stream_reconnects_total.clone(),
         );
         m
     }
@@ -445,6 +514,13 @@ mod tests {
         )));
         assert!(!wants_openmetrics(Some("*/*")));
         assert!(!wants_openmetrics(None));
+    }
+
+    #[test]
+    fn stop_histogram_spans_a_tenth_of_a_second_to_ten_minutes() {
+        assert_eq!(STOP_BUCKETS.first(), Some(&0.1));
+        assert_eq!(STOP_BUCKETS.last(), Some(&600.0));
+        assert!(STOP_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use crate::actions::dumps::DumpEvent;
 use crate::containers::ContainerInfo;
 use crate::detectors::kernel::{KernelEvent, KernelLogCounters, LogSource};
+use crate::detectors::lifecycle::ContainerEvent;
 use crate::detectors::procscan::ScanReport;
 
 /// A container runtime hangwatch probes.
@@ -153,6 +154,19 @@ pub enum Signal {
     },
     /// The result of one /proc scan: D-state tasks, frozen tasks, stuck runtime processes.
     ProcScan(Box<ScanReport>),
+    /// A container event from a runtime's event stream, each event once (replays after a
+    /// reconnection are dropped by the detector).
+    ContainerEvent(Box<ContainerEvent>),
+    /// The runtime's event stream is open; `reconnected` after it had broken.
+    EventStreamUp { runtime: Runtime, reconnected: bool },
+    /// The event stream could not be opened or ended; the next attempt is in `retry_in`.
+    EventStreamDown {
+        runtime: Runtime,
+        error: String,
+        retry_in: Duration,
+    },
+    /// A line of the event stream that is not a usable event (logged by the detector).
+    EventMalformed { runtime: Runtime, reason: String },
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is

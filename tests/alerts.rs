@@ -80,6 +80,7 @@ fn every_alert_carries_node_severity_text_and_a_runbook_that_exists() {
         "HangwatchRuntimeSlow",
         "HangwatchRuncInitOOMKilled",
         "HangwatchContainerStuckInDState",
+        "HangwatchStuckContainerStop",
         "HangwatchStuckRuncProcess",
         "HangwatchKernelHungTask",
         "HangwatchKernelLogUnreadable",

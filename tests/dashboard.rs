@@ -50,7 +50,7 @@ fn expand(expr: &str) -> String {
 }
 
 /// Panels that must show data on any node running hangwatch with its runtimes healthy.
-const CORE: [&str; 19] = [
+const CORE: [&str; 23] = [
     "Runtime state",
     "Stalled runtimes",
     "Oldest probe in flight",
@@ -69,6 +69,10 @@ const CORE: [&str; 19] = [
     "Stuck runtime processes",
     "/proc scan duration p99",
     "Tasks scanned",
+    "Stuck container stops",
+    "Container stop duration p99 and p50",
+    "Stops escalated to SIGKILL (1h)",
+    "Docker event stream up",
     "hangwatch targets up",
 ];
 

@@ -216,9 +216,14 @@ pub struct IncidentConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleConfig {
     pub enabled: bool,
+    /// The stop timeout assumed when neither a SIGKILL nor kubelet's grace period says it.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
     pub recent_stops: usize,
+    /// Per-container `hangwatch_stuck_container_stop_seconds` series at most.
+    pub max_stuck_series: usize,
 }
 
 const fn secs(n: u64) -> Duration {
@@ -354,8 +359,10 @@ impl Default for LifecycleConfig {
     fn default() -> Self {
         LifecycleConfig {
             enabled: true,
+            stop_timeout: secs(10),
             stop_grace: secs(30),
             recent_stops: 256,
+            max_stuck_series: 200,
         }
     }
 }
@@ -455,6 +462,9 @@ impl Config {
         }
         if self.kernel_log.recent_events == 0 {
             problems.push("kernel_log.recent_events must be at least 1".into());
+        }
+        if self.lifecycle.recent_stops == 0 {
+            problems.push("lifecycle.recent_stops must be at least 1".into());
         }
         for (index, ns) in self.containerd.namespaces.iter().enumerate() {
             if ns.is_empty()
@@ -588,6 +598,8 @@ mod tests {
         assert_eq!(c.containerd.namespaces, vec!["moby", "k8s.io"]);
         assert_eq!(c.dumps.keep_files, 20);
         assert_eq!(c.dumps.keep_bytes, ByteSize::mib(200));
+        assert_eq!(c.lifecycle.stop_timeout, secs(10), "Docker's own default");
+        assert_eq!(c.lifecycle.stop_grace, secs(30));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! [`Signal`]: crate::signal::Signal
 
 pub mod kernel;
+pub mod lifecycle;
 pub mod probe;
 pub mod procscan;
 
@@ -48,5 +49,6 @@ pub fn registered(config: &Config) -> Vec<Box<dyn Detector>> {
     all.extend(probe::detectors(config));
     all.extend(kernel::detector(config));
     all.extend(procscan::detector(config));
+    all.extend(lifecycle::detector(config));
     all
 }

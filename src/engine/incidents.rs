@@ -1,13 +1,15 @@
-//! Incidents: a runtime stall opens one; it gathers everything from its window — state
-//! changes, goroutine dumps and their triage, kernel events, stuck tasks and runc processes —
-//! states a suspected cause, and closes when the runtime answers again.
+//! Incidents: a runtime stall or a stuck container stop opens one; it gathers everything from
+//! its window — state changes, goroutine dumps and their triage, kernel events, stuck tasks,
+//! runc processes and stuck stops — states a suspected cause, and closes when the runtime
+//! answers again and no stop keeps it open.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::stops::HeldBy;
 use crate::actions::dumps::{DumpOutcome, DumpRecord};
 use crate::actions::target::Daemon;
 use crate::signal::Runtime;
@@ -100,12 +102,21 @@ pub enum Evidence {
         wchan: Option<String>,
         fifo: Option<String>,
     },
+    /// A container stop with no exit by its deadline (restated when it ends).
     StuckStop {
         #[serde(with = "humantime_serde")]
         at: SystemTime,
         container_id: String,
         container: Option<String>,
+        image: Option<String>,
+        /// Since the first kill.
         seconds: f64,
+        /// SIGKILL was sent after the stop signal.
+        escalated: bool,
+        /// The container exited at last.
+        ended: bool,
+        /// Its tasks in D or frozen, from /proc.
+        held_by: HeldBy,
     },
 }
 
@@ -170,7 +181,14 @@ pub struct Incident {
     pub states: Vec<StateChange>,
     pub dumps: Vec<DumpEntry>,
     pub evidence: Vec<Evidence>,
+    /// Containers whose stop is stuck: they keep the incident open. Not loaded from disk: after
+    /// a restart hangwatch no longer sees those stops.
+    #[serde(skip_deserializing)]
+    pub stuck_stops: BTreeSet<String>,
 }
+
+/// The layer of an incident opened by a stuck stop while the runtime answers.
+pub const CONTAINER_LAYER: &str = "container";
 
 impl Incident {
     pub fn is_open(&self) -> bool {
@@ -187,12 +205,15 @@ impl Incident {
     /// One line for logs and `hangwatch check`.
     pub fn summary(&self, now: SystemTime) -> String {
         let status = if self.is_open() { "open" } else { "closed" };
+        let what = if self.layer == CONTAINER_LAYER {
+            format!("{}: container stop stuck", self.runtime)
+        } else {
+            format!("{} stalled, layer {}", self.runtime, self.layer)
+        };
         format!(
-            "{} [{status}, {:.0}s] {} stalled, layer {}: {}",
+            "{} [{status}, {:.0}s] {what}: {}",
             self.id,
             self.duration(now).as_secs_f64(),
-            self.runtime,
-            self.layer,
             self.suspected_cause
         )
     }
@@ -332,7 +353,7 @@ impl IncidentBook {
                 incident.refresh_cause();
                 changes.push(Change::Updated(incident.id.clone()));
             }
-            if recovered {
+            if recovered && incident.stuck_stops.is_empty() {
                 let mut incident = self.open.remove(&runtime).expect("present: just borrowed");
                 incident.ended_at = Some(now);
                 let id = incident.id.clone();
@@ -345,6 +366,19 @@ impl IncidentBook {
         if !stalled {
             return changes;
         }
+        let incident = self.open_incident_with(runtime, layer, change, now);
+        changes.push(Change::Opened(incident));
+        changes
+    }
+
+    /// Open an incident for `runtime` with the evidence of the look-back; returns its id.
+    fn open_incident_with(
+        &mut self,
+        runtime: Runtime,
+        layer: &str,
+        change: StateChange,
+        now: SystemTime,
+    ) -> String {
         let millis = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -360,6 +394,7 @@ impl IncidentBook {
             states: vec![change],
             dumps: Vec::new(),
             evidence: Vec::new(),
+            stuck_stops: BTreeSet::new(),
         };
         let since = now
             .checked_sub(EVIDENCE_LOOKBACK)
@@ -368,9 +403,53 @@ impl IncidentBook {
             incident.push_evidence(evidence.clone());
         }
         incident.refresh_cause();
-        changes.push(Change::Opened(incident.id.clone()));
+        let id = incident.id.clone();
         self.open.insert(runtime, incident);
+        id
+    }
+
+    /// A container stop became stuck: it joins `runtime`'s open incident, or opens one, and
+    /// keeps it open until [`stop_ended`](Self::stop_ended).
+    pub fn stop_stuck(
+        &mut self,
+        runtime: Runtime,
+        container_id: &str,
+        evidence: Evidence,
+        now: SystemTime,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if !self.open.contains_key(&runtime) {
+            let name = match &evidence {
+                Evidence::StuckStop {
+                    container: Some(name),
+                    ..
+                } => name.clone(),
+                _ => container_id.chars().take(12).collect(),
+            };
+            let change = StateChange {
+                at: now,
+                runtime,
+                state: "stuck_stop".into(),
+                reason: format!("the stop of container {name} is stuck"),
+            };
+            let id = self.open_incident_with(runtime, CONTAINER_LAYER, change, now);
+            changes.push(Change::Opened(id));
+        }
+        if let Some(incident) = self.open.get_mut(&runtime) {
+            incident.stuck_stops.insert(container_id.to_string());
+        }
+        // An Updated for the incident just opened is harmless: changes are per incident id.
+        changes.extend(self.add_evidence(evidence));
         changes
+    }
+
+    /// A stuck stop ended (the container exited or was removed): it no longer keeps an
+    /// incident open; the incident closes once its runtime answers.
+    pub fn stop_ended(&mut self, container_id: &str, evidence: Evidence) -> Vec<Change> {
+        for incident in self.open.values_mut() {
+            incident.stuck_stops.remove(container_id);
+        }
+        self.add_evidence(evidence)
     }
 
     /// Record evidence: kept for the look-back, attached to every open incident.
@@ -473,6 +552,7 @@ fn layer_rank(layer: &str) -> u8 {
 pub fn suspected_cause(incident: &Incident) -> String {
     let mut parts: Vec<String> = Vec::new();
     parts.push(match (incident.runtime, incident.layer.as_str()) {
+        (_, CONTAINER_LAYER) => "a container stop hangs while the runtime answers".into(),
         (Runtime::Docker, "containerd") => "containerd blocked, dockerd waiting on it".into(),
         (Runtime::Docker, _) => "dockerd blocked while containerd answers".into(),
         (Runtime::Containerd, _) => "containerd blocked".into(),
@@ -570,6 +650,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
             ));
         }
     }
+    parts.extend(incident.evidence.iter().filter_map(stuck_stop_cause));
     for dump in &incident.dumps {
         if let Some(triage) = &dump.triage {
             parts.push(format!("{} dump: {triage}", dump.daemon));
@@ -587,6 +668,43 @@ pub fn suspected_cause(incident: &Incident) -> String {
         );
     }
     text
+}
+
+/// "stop of container web (image shop/web:3) stuck for 45 s, SIGKILL sent: held by 2 task(s)
+/// in D (io_schedule)".
+fn stuck_stop_cause(evidence: &Evidence) -> Option<String> {
+    let Evidence::StuckStop {
+        container_id,
+        container,
+        image,
+        seconds,
+        escalated,
+        ended,
+        held_by,
+        ..
+    } = evidence
+    else {
+        return None;
+    };
+    let name = container
+        .clone()
+        .unwrap_or_else(|| container_id.chars().take(12).collect());
+    let image = image
+        .as_ref()
+        .map(|i| format!(" (image {i})"))
+        .unwrap_or_default();
+    let state = if *ended { "ended after" } else { "stuck for" };
+    let mut text = format!(
+        "stop of container {name}{image} {state} {}",
+        human(*seconds)
+    );
+    if *escalated {
+        text.push_str(", SIGKILL sent");
+    }
+    if let Some(held) = held_by.describe() {
+        let _ = write!(text, ": held by {held}");
+    }
+    Some(text)
 }
 
 fn short_path(path: &str) -> String {
@@ -823,5 +941,112 @@ pub(crate) mod tests {
             t(5),
         );
         assert!(matches!(closed.as_slice(), [Change::Closed(_)]));
+    }
+
+    fn stuck_stop(ended: bool, seconds: f64) -> Evidence {
+        Evidence::StuckStop {
+            at: t(40),
+            container_id: "c0ffee".into(),
+            container: Some("web".into()),
+            image: Some("shop/web:3".into()),
+            seconds,
+            escalated: true,
+            ended,
+            held_by: HeldBy {
+                stuck_tasks: Vec::new(),
+                frozen_tasks: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn a_stuck_stop_opens_an_incident_that_stays_open_until_the_stop_ends() {
+        let mut b = book();
+        let healthy = seen("healthy", "", false, true, "dockerd");
+        let changes = b.stop_stuck(Runtime::Docker, "c0ffee", stuck_stop(false, 40.0), t(40));
+        assert!(
+            matches!(changes.first(), Some(Change::Opened(_))),
+            "{changes:?}"
+        );
+        let incident = b.open_incident(Runtime::Docker).expect("open");
+        assert_eq!(incident.layer, CONTAINER_LAYER);
+        assert_eq!(
+            incident.suspected_cause,
+            "a container stop hangs while the runtime answers; stop of container web \
+             (image shop/web:3) stuck for 40 s, SIGKILL sent: held by 2 frozen task(s)"
+        );
+        assert!(
+            incident
+                .summary(t(50))
+                .contains("docker: container stop stuck")
+        );
+        let still = b.on_state(Runtime::Docker, &healthy, t(41));
+        assert!(
+            !still.iter().any(|c| matches!(c, Change::Closed(_))),
+            "docker answering does not end a stuck stop: {still:?}"
+        );
+        b.stop_ended("c0ffee", stuck_stop(true, 70.0));
+        let closed = b.on_state(Runtime::Docker, &healthy, t(71));
+        assert!(
+            matches!(closed.as_slice(), [Change::Closed(_)]),
+            "{closed:?}"
+        );
+        let incident = &b.all()[0];
+        assert!(
+            incident
+                .suspected_cause
+                .contains("stop of container web (image shop/web:3) ended after 70 s"),
+            "{}",
+            incident.suspected_cause
+        );
+        assert_eq!(
+            incident.evidence.len(),
+            1,
+            "the end replaces the stuck report"
+        );
+    }
+
+    #[test]
+    fn a_stuck_stop_joins_a_stall_incident() {
+        let mut b = book();
+        b.on_state(
+            Runtime::Docker,
+            &seen("wedged", "list_containers stuck", true, false, "dockerd"),
+            t(0),
+        );
+        let changes = b.stop_stuck(Runtime::Docker, "c0ffee", stuck_stop(false, 40.0), t(40));
+        assert!(
+            changes.iter().all(|c| matches!(c, Change::Updated(_))),
+            "joins, does not open: {changes:?}"
+        );
+        let incident = b.open_incident(Runtime::Docker).expect("open");
+        assert_eq!(incident.layer, "dockerd");
+        assert!(
+            incident
+                .suspected_cause
+                .starts_with("dockerd blocked while containerd answers; stop of container web"),
+            "{}",
+            incident.suspected_cause
+        );
+        assert_eq!(b.all().len(), 1);
+    }
+
+    #[test]
+    fn stuck_stops_are_not_loaded_back_from_disk() {
+        let mut b = book();
+        b.stop_stuck(Runtime::Docker, "c0ffee", stuck_stop(false, 40.0), t(40));
+        let json = serde_json::to_string(&b.all()[0]).expect("serialize");
+        assert!(json.contains("\"stuck_stops\":[\"c0ffee\"]"), "{json}");
+        let loaded: Incident = serde_json::from_str(&json).expect("deserialize");
+        let mut restarted = IncidentBook::new("node-a".into(), 10, vec![loaded]);
+        let closed = restarted.on_state(
+            Runtime::Docker,
+            &seen("healthy", "", false, true, "dockerd"),
+            t(60),
+        );
+        assert!(
+            matches!(closed.as_slice(), [Change::Closed(_)]),
+            "a restarted hangwatch no longer sees the stop: {closed:?}"
+        );
     }
 }

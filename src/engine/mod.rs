@@ -6,8 +6,10 @@
 pub mod dump_policy;
 pub mod incidents;
 pub mod kernel;
+pub mod lifecycle;
 pub mod procscan;
 pub mod runtime;
+pub mod stops;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use crate::signal::{ProbeFailure, Runtime, Signal, SignalReceiver, SignalSender}
 use dump_policy::{Decision, DumpPolicy};
 use incidents::{Change, DumpStatus, Evidence, Incident, IncidentBook, Observation};
 use kernel::{KernelState, KernelStatus};
+use lifecycle::{LifecycleState, StopIncident, StopsView};
 use procscan::{ProcScanState, ProcScanView};
 use runtime::{OperationStatus, RuntimeState, RuntimeTracker, Verdict};
 
@@ -50,6 +53,9 @@ pub struct Snapshot {
     /// Newest first. Shared: rebuilt only when an incident changes.
     #[serde(skip)]
     pub incidents: Arc<Vec<Incident>>,
+    /// Container stops, served at `/stops`.
+    #[serde(skip)]
+    pub stops: Arc<StopsView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +115,8 @@ pub struct Engine {
     kernel_published_at: Instant,
     proc_scan: ProcScanState,
     proc_published: Option<Arc<ProcScanView>>,
+    lifecycle: LifecycleState,
+    stops_published: Arc<StopsView>,
     /// Container ids looked up recently, so an unknown id is not asked about again and again.
     resolving: HashMap<String, Instant>,
     actions: Option<Actions>,
@@ -153,9 +161,14 @@ impl Engine {
             kernel_log: Arc::default(),
             proc_scan: None,
             incidents: incidents_published.clone(),
+            stops: Arc::default(),
         });
         let (snapshot, receiver) = watch::channel(initial);
         let config_for_kernel = config.clone();
+        let lifecycle = LifecycleState::new(
+            &config.lifecycle,
+            config.docker.mode != RuntimeMode::Disabled,
+        );
         let engine = Engine {
             dump_policy: DumpPolicy::new(config.dumps.cooldown, config.dumps.max_per_hour),
             config,
@@ -171,6 +184,8 @@ impl Engine {
             kernel_published_at: now,
             proc_scan: ProcScanState::default(),
             proc_published: None,
+            lifecycle,
+            stops_published: Arc::default(),
             resolving: HashMap::new(),
             actions,
             snapshot,
@@ -377,7 +392,63 @@ impl Engine {
                 self.kernel.status.error = Some(error);
                 self.kernel_dirty = true;
             }
+            Signal::ContainerEvent(event) => {
+                self.containers
+                    .saw([event.container.clone()], Instant::now());
+                if let Some(ended) = self.lifecycle.apply(&event, &self.metrics) {
+                    self.record_stop_incidents(vec![ended]);
+                }
+            }
+            Signal::EventStreamUp { reconnected, .. } => {
+                self.lifecycle.stream_up(reconnected, &self.metrics);
+            }
+            Signal::EventStreamDown {
+                error, retry_in, ..
+            } => {
+                self.lifecycle.stream_down(error, retry_in, &self.metrics);
+            }
+            Signal::EventMalformed { reason, .. } => {
+                self.lifecycle.malformed(reason, &self.metrics);
+            }
         }
+    }
+
+    /// Stuck stops open, join or keep open the Docker incident; their evidence is updated.
+    fn record_stop_incidents(&mut self, told: Vec<StopIncident>) {
+        let now = SystemTime::now();
+        let mut changes = Vec::new();
+        for item in told {
+            changes.extend(match item {
+                StopIncident::Stuck {
+                    container_id,
+                    evidence,
+                } => self
+                    .incidents
+                    .stop_stuck(Runtime::Docker, &container_id, evidence, now),
+                StopIncident::Updated(evidence) => self.incidents.add_evidence(evidence),
+                StopIncident::Ended {
+                    container_id,
+                    evidence,
+                } => self.incidents.stop_ended(&container_id, evidence),
+            });
+        }
+        self.record_incident_changes(changes);
+    }
+
+    /// Age the stops, correlate stuck ones with /proc, tell incidents.
+    fn update_stops(&mut self) {
+        let docker = self
+            .runtimes
+            .iter()
+            .find(|t| t.tracker.runtime() == Runtime::Docker)
+            .map(|t| t.verdict.state);
+        let told = self.lifecycle.evaluate(
+            SystemTime::now(),
+            &self.metrics,
+            docker,
+            self.proc_published.as_deref(),
+        );
+        self.record_stop_incidents(told);
     }
 
     fn apply_scan(&mut self, report: crate::detectors::procscan::ScanReport) {
@@ -565,6 +636,8 @@ impl Engine {
         }
         self.update_runtime_metrics(now);
         self.update_kernel_conditions(now);
+        // Before the runtime states: a stop that just became stuck keeps its incident open.
+        self.update_stops();
         self.update_incidents();
         for (runtime, from, to) in transitions {
             let triggers = &self.config.dumps.trigger_states;
@@ -796,6 +869,9 @@ impl Engine {
                 }
             })
             .collect();
+        if let Some(view) = self.lifecycle.changed_view() {
+            self.stops_published = Arc::new(view);
+        }
         self.snapshot.send_replace(Arc::new(Snapshot {
             node: self.node.clone(),
             generated_at: SystemTime::now(),
@@ -803,6 +879,7 @@ impl Engine {
             kernel_log: self.kernel_published.clone(),
             proc_scan: self.proc_published.clone(),
             incidents: self.incidents_published.clone(),
+            stops: self.stops_published.clone(),
         }));
     }
 }

@@ -151,6 +151,15 @@ impl PrivateDaemons {
         });
     }
 
+    /// Stop dockerd (SIGTERM, as a service manager would) and start it again with the same
+    /// sockets and state; returns once it answers.
+    pub fn restart_dockerd(&mut self) {
+        if let Some(child) = self.dockerd.take() {
+            stop(child);
+        }
+        self.start_dockerd();
+    }
+
     pub fn containerd_pid(&self) -> i32 {
         self.containerd
             .as_ref()
