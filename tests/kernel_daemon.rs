@@ -14,7 +14,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::daemons::PrivateDaemons;
 use support::hangwatch::{Hangwatch, TempDir};
 use support::oom::{OomVictim, TestCgroup};
@@ -36,14 +35,25 @@ fn oom_kills(hw: &Hangwatch, victim: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-fn events(hw: &Hangwatch) -> Vec<Value> {
-    let (code, body) = hw.get("/events");
-    assert_eq!(code, 200);
-    serde_json::from_str::<Value>(&body)
-        .expect("/events JSON")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+/// Start hangwatch again on the same state and show the OOM kill of `pid` is neither counted
+/// nor served again.
+fn restart_without_recounting(config: &str, dir: &Path, pid: u32) -> Hangwatch {
+    let again = Hangwatch::start(config, dir);
+    wait_kernel_log_up(&again);
+    mark_read_position(&again);
+    assert_eq!(
+        oom_kills(&again, "runc_init"),
+        0.0,
+        "the kill was counted again after a restart"
+    );
+    assert!(
+        !again
+            .list("/events")
+            .iter()
+            .any(|e| e["fields"]["pid"] == pid),
+        "the kill was replayed after a restart"
+    );
+    again
 }
 
 fn wait_kernel_log_up(hw: &Hangwatch) {
@@ -111,7 +121,8 @@ fn runc_init_oom_kill_is_counted_within_a_second_and_not_again_after_a_restart()
         latency <= Duration::from_secs(1),
         "counted {latency:?} after the kill was seen"
     );
-    let event = events(&hw)
+    let event = hw
+        .list("/events")
         .into_iter()
         .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
         .expect("the kill in /events");
@@ -122,18 +133,7 @@ fn runc_init_oom_kill_is_counted_within_a_second_and_not_again_after_a_restart()
 
     let (_, status) = hw.terminate();
     assert!(status.success());
-    let again = Hangwatch::start(&config, dir.path());
-    wait_kernel_log_up(&again);
-    mark_read_position(&again);
-    assert_eq!(
-        oom_kills(&again, "runc_init"),
-        0.0,
-        "the kill was counted again after a restart"
-    );
-    assert!(
-        !events(&again).iter().any(|e| e["fields"]["pid"] == pid),
-        "the kill was replayed after a restart"
-    );
+    restart_without_recounting(&config, dir.path(), pid);
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn container_oom_through_private_dockerd_names_the_container() {
         "the container's OOM kill, named",
         Duration::from_secs(15),
         || {
-            events(&hw).into_iter().find(|e| {
+            hw.list("/events").into_iter().find(|e| {
                 e["rule"] == "oom_kill"
                     && e["owner"]["container_id"] == id.as_str()
                     && e["container_name"] == "oom-victim"
@@ -279,7 +279,8 @@ fn runc_init_oom_kill_through_syslog_is_counted_once_across_a_restart() {
         latency <= Duration::from_secs(3),
         "counted {latency:?} after the kill: more than the 1 s poll interval allows"
     );
-    let event = events(&hw)
+    let event = hw
+        .list("/events")
         .into_iter()
         .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
         .expect("the kill in /events");
@@ -297,18 +298,7 @@ fn runc_init_oom_kill_through_syslog_is_counted_once_across_a_restart() {
     let saved = std::fs::read_to_string(dir.path().join("kmsg.position")).expect("position saved");
     assert!(saved.contains("ts_usec="), "{saved}");
 
-    let again = Hangwatch::start(&config, dir.path());
-    wait_kernel_log_up(&again);
-    mark_read_position(&again);
-    assert_eq!(
-        oom_kills(&again, "runc_init"),
-        0.0,
-        "the kill was counted again after a restart"
-    );
-    assert!(
-        !events(&again).iter().any(|e| e["fields"]["pid"] == pid),
-        "the kill was replayed after a restart"
-    );
+    let again = restart_without_recounting(&config, dir.path(), pid);
     assert!(
         again.logs().contains("AfterTimestamp"),
         "resumed from the saved timestamp"

@@ -77,16 +77,6 @@ fn stuck_series(hw: &Hangwatch, id: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn incidents(hw: &Hangwatch) -> Vec<Value> {
-    let (code, body) = hw.get("/incidents");
-    assert_eq!(code, 200);
-    serde_json::from_str::<Value>(&body)
-        .expect("incidents JSON")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[test]
 fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_not() {
     let _timing = exclusive();
@@ -300,7 +290,7 @@ fn a_frozen_container_makes_a_stuck_stop_reported_with_its_tasks_until_thawed() 
         "an open incident naming the stuck stop and its frozen task",
         Duration::from_secs(15),
         || {
-            incidents(&hw).into_iter().find(|i| {
+            hw.list("/incidents").into_iter().find(|i| {
                 i["ended_at"].is_null()
                     && i["evidence"].as_array().is_some_and(|e| {
                         e.iter().any(|e| {
@@ -347,7 +337,7 @@ fn a_frozen_container_makes_a_stuck_stop_reported_with_its_tasks_until_thawed() 
     );
     assert_eq!(stops_counted(&hw), 1.0);
     wait_for("the incident to close", Duration::from_secs(15), || {
-        incidents(&hw)
+        hw.list("/incidents")
             .into_iter()
             .find(|i| i["id"] == incident_id.as_str() && !i["ended_at"].is_null())
     });
@@ -437,7 +427,7 @@ fn a_stalled_dockerd_makes_its_silence_untrusted_and_the_stop_it_began_goes_stuc
         "the stall incident holding the stuck stop",
         Duration::from_secs(15),
         || {
-            incidents(&hw)
+            hw.list("/incidents")
                 .into_iter()
                 .find(|i| i["ended_at"].is_null() && i["stuck_stops"] == serde_json::json!([id]))
         },
@@ -446,7 +436,7 @@ fn a_stalled_dockerd_makes_its_silence_untrusted_and_the_stop_it_began_goes_stuc
         incident["layer"], "dockerd",
         "the stop joined the stall: {incident}"
     );
-    assert_eq!(incidents(&hw).len(), 1, "one incident, not two");
+    assert_eq!(hw.list("/incidents").len(), 1, "one incident, not two");
 
     daemons.signal_dockerd(libc::SIGCONT);
     wait_for("the stream trusted again", Duration::from_secs(30), || {

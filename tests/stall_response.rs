@@ -18,16 +18,6 @@ use support::wait_for;
 const FAST: &str = "probes:\n  interval: 500ms\n  slow_threshold: 1s\n  stall_threshold: 2s\n  deadline: 6s\n\
 dumps:\n  wait: 2s\n  background_wait: 60s\n";
 
-fn incidents(hw: &Hangwatch) -> Vec<Value> {
-    let (code, body) = hw.get("/incidents");
-    assert_eq!(code, 200);
-    serde_json::from_str::<Value>(&body)
-        .expect("incidents JSON")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn dump_entries<'a>(incident: &'a Value, daemon: &str) -> Vec<&'a Value> {
     incident["dumps"]
         .as_array()
@@ -85,7 +75,7 @@ fn stopped_dockerd_gets_dumped_with_containerd_and_the_incident_closes_with_both
         "an open docker incident with dumps requested",
         Duration::from_secs(10),
         || {
-            incidents(&hw).into_iter().find(|i| {
+            hw.list("/incidents").into_iter().find(|i| {
                 i["runtime"] == "docker"
                     && i["ended_at"].is_null()
                     && !dump_entries(i, "containerd").is_empty()
@@ -103,7 +93,7 @@ fn stopped_dockerd_gets_dumped_with_containerd_and_the_incident_closes_with_both
     });
     // dockerd is stopped: it cannot write yet, the dump is pending.
     wait_for("dockerd dump pending", Duration::from_secs(10), || {
-        incidents(&hw)
+        hw.list("/incidents")
             .into_iter()
             .find(|i| i["id"] == id.as_str())
             .and_then(|i| (dump_status(&i, "dockerd").as_deref() == Some("pending")).then_some(()))
@@ -115,7 +105,7 @@ fn stopped_dockerd_gets_dumped_with_containerd_and_the_incident_closes_with_both
         "incident closed with both dumps",
         Duration::from_secs(30),
         || {
-            incidents(&hw).into_iter().find(|i| {
+            hw.list("/incidents").into_iter().find(|i| {
                 i["id"] == id.as_str()
                     && !i["ended_at"].is_null()
                     && dump_status(i, "dockerd").as_deref() == Some("ok")
@@ -178,14 +168,14 @@ fn stopped_containerd_is_dumped_after_sigcont_and_dockerd_is_not_signalled() {
     });
     daemons.signal_containerd(libc::SIGSTOP);
     wait_for("containerd dump pending", Duration::from_secs(15), || {
-        incidents(&hw).into_iter().find(|i| {
+        hw.list("/incidents").into_iter().find(|i| {
             i["runtime"] == "containerd"
                 && dump_status(i, "containerd").as_deref() == Some("pending")
         })
     });
     daemons.signal_containerd(libc::SIGCONT);
     let (incident, _) = wait_for("containerd dump collected", Duration::from_secs(30), || {
-        incidents(&hw).into_iter().find(|i| {
+        hw.list("/incidents").into_iter().find(|i| {
             i["runtime"] == "containerd" && dump_status(i, "containerd").as_deref() == Some("ok")
         })
     });
@@ -209,7 +199,7 @@ fn stopped_containerd_is_dumped_after_sigcont_and_dockerd_is_not_signalled() {
     assert_eq!(docker_dumps, 0, "dockerd wrote a dump: it was signalled");
     assert_eq!(copied_dumps(dir.path(), "containerd-").len(), 1);
     assert_eq!(
-        incidents(&hw)
+        hw.list("/incidents")
             .iter()
             .filter(|i| i["runtime"] == "docker")
             .count(),
@@ -230,7 +220,7 @@ fn second_stall_within_cooldown_sends_no_signal() {
         });
         daemons.signal_containerd(libc::SIGSTOP);
         wait_for("containerd incident", Duration::from_secs(15), || {
-            incidents(&hw)
+            hw.list("/incidents")
                 .into_iter()
                 .filter(|i| i["runtime"] == "containerd" && i["ended_at"].is_null())
                 .find(|i| !dump_entries(i, "containerd").is_empty())
@@ -243,7 +233,7 @@ fn second_stall_within_cooldown_sends_no_signal() {
         }
     }
     wait_for("both incidents closed", Duration::from_secs(30), || {
-        let all = incidents(&hw);
+        let all = hw.list("/incidents");
         (all.len() == 2 && all.iter().all(|i| !i["ended_at"].is_null())).then_some(())
     });
     assert_eq!(dumps_counted(&hw, "containerd", "cooldown"), 1.0);
@@ -252,7 +242,7 @@ fn second_stall_within_cooldown_sends_no_signal() {
         1.0,
         "second stall signalled containerd"
     );
-    let newest = &incidents(&hw)[0];
+    let newest = &hw.list("/incidents")[0];
     assert_eq!(
         dump_status(newest, "containerd").as_deref(),
         Some("skipped"),
@@ -285,7 +275,7 @@ fn a_pidfile_naming_another_process_is_never_signalled() {
         sleeper.try_wait().expect("try_wait").is_none(),
         "sleep was signalled"
     );
-    let incident = &incidents(&hw)[0];
+    let incident = &hw.list("/incidents")[0];
     let detail = dump_entries(incident, "dockerd")[0]["detail"]
         .as_str()
         .unwrap_or_default()
@@ -311,14 +301,17 @@ fn incidents_on_disk_are_served_again_after_a_restart() {
     });
     daemons.signal_containerd(libc::SIGSTOP);
     let (incident, _) = wait_for("incident", Duration::from_secs(15), || {
-        incidents(&hw).into_iter().next()
+        hw.list("/incidents").into_iter().next()
     });
     daemons.signal_containerd(libc::SIGCONT);
     wait_for(
         "incident closed and persisted",
         Duration::from_secs(30),
         || {
-            let closed = incidents(&hw).into_iter().any(|i| !i["ended_at"].is_null());
+            let closed = hw
+                .list("/incidents")
+                .into_iter()
+                .any(|i| !i["ended_at"].is_null());
             let file = std::fs::read_dir(dir.path().join("incidents"))
                 .ok()?
                 .flatten()
@@ -331,7 +324,7 @@ fn incidents_on_disk_are_served_again_after_a_restart() {
     assert!(status.success());
 
     let again = Hangwatch::start(&config, dir.path());
-    let served = incidents(&again);
+    let served = again.list("/incidents");
     assert_eq!(served.len(), 1, "{served:?}");
     assert_eq!(served[0]["id"], incident["id"]);
     assert!(!served[0]["ended_at"].is_null());
@@ -365,7 +358,7 @@ fn daemon_found_through_another_path_to_its_socket() {
     });
     daemons.signal_containerd(libc::SIGSTOP);
     wait_for("containerd signalled", Duration::from_secs(15), || {
-        incidents(&hw)
+        hw.list("/incidents")
             .into_iter()
             .find(|i| dump_status(i, "containerd").as_deref() == Some("pending"))
     });

@@ -175,6 +175,17 @@ impl Hangwatch {
         metric_value(&self.metrics(), name, labels)
     }
 
+    /// GET `path` serving a JSON array (`/incidents`, `/events`); panics unless 200 and JSON.
+    pub fn list(&self, path: &str) -> Vec<serde_json::Value> {
+        let (code, body) = self.get(path);
+        assert_eq!(code, 200, "GET {path}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let (status, body) = self.get("/status");
         assert_eq!(status, 200);

@@ -299,11 +299,9 @@ impl Run {
                 biased;
                 _ = self.ctx.shutdown.cancelled() => return Stop::Finished,
                 _ = tick.tick() => {
-                    self.ctx.heartbeat.beat();
-                    if !self.flush_counters().await {
+                    if !self.on_tick().await {
                         return Stop::Finished;
                     }
-                    self.store.save_throttled(self.position.as_ref()).await;
                 }
                 ready = watched.readable_mut() => {
                     let mut guard = match ready {
@@ -368,11 +366,9 @@ impl Run {
                 biased;
                 _ = self.ctx.shutdown.cancelled() => return Stop::Finished,
                 _ = tick.tick() => {
-                    self.ctx.heartbeat.beat();
-                    if !self.flush_counters().await {
+                    if !self.on_tick().await {
                         return Stop::Finished;
                     }
-                    self.store.save_throttled(self.position.as_ref()).await;
                 }
                 _ = poll.tick() => {
                     if let Err(error) = reader.poll() {
@@ -432,6 +428,17 @@ impl Run {
         }
         self.pending += read;
         self.pending += self.pipeline.take_counters();
+    }
+
+    /// Every [`TICK`] while reading: beat, hand over counters, save the position (throttled).
+    /// False when the engine is gone.
+    async fn on_tick(&mut self) -> bool {
+        self.ctx.heartbeat.beat();
+        if !self.flush_counters().await {
+            return false;
+        }
+        self.store.save_throttled(self.position.as_ref()).await;
+        true
     }
 
     /// Send the counter increments gathered since the last flush; false when the engine is gone.
