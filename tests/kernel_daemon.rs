@@ -56,6 +56,14 @@ fn restart_without_recounting(config: &str, dir: &Path, pid: u32) -> Hangwatch {
     again
 }
 
+/// The OOM kill of `pid` as /events serves it.
+fn oom_event(hw: &Hangwatch, pid: u32) -> serde_json::Value {
+    hw.list("/events")
+        .into_iter()
+        .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
+        .expect("the kill in /events")
+}
+
 fn wait_kernel_log_up(hw: &Hangwatch) {
     wait_for("kernel_log_up 1", Duration::from_secs(10), || {
         (hw.metric("hangwatch_kernel_log_up", &[]) == Some(1.0)).then_some(())
@@ -121,11 +129,7 @@ fn runc_init_oom_kill_is_counted_within_a_second_and_not_again_after_a_restart()
         latency <= Duration::from_secs(1),
         "counted {latency:?} after the kill was seen"
     );
-    let event = hw
-        .list("/events")
-        .into_iter()
-        .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
-        .expect("the kill in /events");
+    let event = oom_event(&hw, pid);
     assert_eq!(event["fields"]["comm"], "runc:[2:INIT]");
     assert_eq!(event["oom"]["victim"], "runc_init");
     assert_eq!(event["oom"]["memcg"], cgroup.kernel_path.as_str());
@@ -279,11 +283,7 @@ fn runc_init_oom_kill_through_syslog_is_counted_once_across_a_restart() {
         latency <= Duration::from_secs(3),
         "counted {latency:?} after the kill: more than the 1 s poll interval allows"
     );
-    let event = hw
-        .list("/events")
-        .into_iter()
-        .find(|e| e["rule"] == "oom_kill" && e["fields"]["pid"] == pid)
-        .expect("the kill in /events");
+    let event = oom_event(&hw, pid);
     assert_eq!(event["fields"]["comm"], "runc:[2:INIT]");
     assert_eq!(event["facility"], 0, "the kernel's own line");
     assert_eq!(event["oom"]["victim"], "runc_init");
