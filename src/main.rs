@@ -116,30 +116,14 @@ fn main() -> ExitCode {
                 config.listen = listen;
             }
             init_logging(&config.log);
-            let result = runtime().and_then(|rt| rt.block_on(hangwatch::daemon::run(config)));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("hangwatch: {e}");
-                    ExitCode::from(EXIT_UNUSABLE)
-                }
-            }
+            serve(hangwatch::daemon::run(config))
         }
         Command::Cordoner(options) => {
             init_logging(&LogConfig {
                 format: options.log_format,
                 ..LogConfig::default()
             });
-            let result = runtime().and_then(|rt| rt.block_on(hangwatch::cordoner::run(options)));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("hangwatch: {e}");
-                    ExitCode::from(EXIT_UNUSABLE)
-                }
-            }
+            serve(hangwatch::cordoner::run(options))
         }
         Command::Check { config, format } => {
             let config = match load(config.as_deref()) {
@@ -160,6 +144,18 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::from(report.outcome.exit_code()),
                 Err(code) => code,
             }
+        }
+    }
+}
+
+/// Run a long-lived server (the daemon, the cordoner) until it stops; exit 2 when it fails.
+fn serve(server: impl Future<Output = Result<(), String>>) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(server)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("hangwatch: {e}");
+            ExitCode::from(EXIT_UNUSABLE)
         }
     }
 }
