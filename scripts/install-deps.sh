@@ -35,11 +35,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Packaged services must not start during the install: the suite starts private daemons and
+# the host's own services are not ours to touch. invoke-rc.d (and deb-systemd-invoke) ask
+# policy-rc.d; exit 101 means "action forbidden". An existing policy is the host's: keep it.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The Debian packages start nothing here (no systemd) and the suite wants it that way:
-# tests start private daemons. Make sure none of the packaged services got started.
-for svc in prometheus prometheus-alertmanager docker containerd; do
-  pkill -x "$svc" 2>/dev/null || true
-done
 install_python_tools "${1:-}"
