@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use hangwatch::config::KernelLogConfig;
-use hangwatch::detectors::kernel::{Pipeline, parse_record};
+use hangwatch::sources::kernel::detect::{Pipeline, parse_record};
 
 const RECORDS: usize = 200_000;
 const ROUNDS: usize = 5;

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hangwatch::config::Config;
-use hangwatch::detectors::procscan::ProcScanner;
+use hangwatch::sources::procscan::detect::ProcScanner;
 
 const THREADS_PER_HELPER: usize = 1000;
 const BLOCKS: usize = 3;

@@ -1,4 +1,5 @@
-//! `hangwatch run`: wire detectors, engine and HTTP server together; shut down cleanly.
+//! `hangwatch run`: wire the sources' detectors, the engine and the HTTP server together;
+//! shut down cleanly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,20 +11,28 @@ use tokio_util::sync::CancellationToken;
 use crate::actions::incident_store::{self, IncidentWriter};
 use crate::actions::resolve::ContainerResolver;
 use crate::config::Config;
-use crate::detectors::{self, DetectorContext};
-use crate::engine::{Actions, Engine};
+use crate::engine::{DaemonEffects, Engine};
 use crate::heartbeat::Heartbeats;
 use crate::http::{self, Readers};
 use crate::signal;
+use crate::sources::{self, DetectorContext, Now, Source};
 
 /// How long shutdown waits for loops to finish before abandoning them. Kept under the 2 s
 /// promised to operators, whatever a hung runtime is doing.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
-/// The engine beats every evaluate interval; this budget flags a wedged engine loop.
-const ENGINE_HEARTBEAT_BUDGET: Duration = Duration::from_secs(10);
+/// The engine beats every evaluate interval; its budget flags a wedged engine loop: 10 s, or
+/// four intervals when they are longer.
+pub fn engine_heartbeat_budget(config: &Config) -> Duration {
+    Duration::from_secs(10).max(config.evaluate_interval.saturating_mul(4))
+}
 
 pub async fn run(config: Config) -> Result<(), String> {
+    run_sources(config, sources::registered()).await
+}
+
+/// The daemon over `sources`: their detectors feed one engine.
+pub async fn run_sources(config: Config, sources: Vec<Box<dyn Source>>) -> Result<(), String> {
     let config = Arc::new(config);
     let mut termination = Termination::new()?;
     let listener = http::bind(config.listen).await?;
@@ -33,18 +42,30 @@ pub async fn run(config: Config) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     let (sender, receiver) = signal::channel();
     let incident_dir = config.incident_dir();
-    let loaded = tokio::task::spawn_blocking(move || incident_store::load(&incident_dir))
-        .await
-        .unwrap_or_default();
+    let loaded =
+        match tokio::task::spawn_blocking(move || incident_store::load(&incident_dir)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "loading incidents failed; starting with none");
+                Vec::new()
+            }
+        };
     if !loaded.is_empty() {
         tracing::info!(incidents = loaded.len(), "incidents loaded from disk");
     }
-    let actions = Actions {
+    let effects = DaemonEffects {
+        config: config.clone(),
         signals: sender.clone(),
         incident_writer: IncidentWriter::spawn(config.incident_dir(), config.incidents.keep),
         resolver: ContainerResolver::new(&config),
     };
-    let (engine, snapshot) = Engine::new(config.clone(), Some(actions), loaded);
+    let (engine, snapshot) = Engine::new(
+        config.clone(),
+        &sources,
+        Some(Box::new(effects)),
+        loaded,
+        Now::read(),
+    );
     let readers = Readers {
         metrics: engine.metrics(),
         snapshot,
@@ -52,7 +73,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
 
     let mut loops: JoinSet<String> = JoinSet::new();
-    let engine_heartbeat = heartbeats.register("engine", ENGINE_HEARTBEAT_BUDGET);
+    let engine_heartbeat = heartbeats.register("engine", engine_heartbeat_budget(&config));
     let engine_shutdown = shutdown.clone();
     loops.spawn(async move {
         engine
@@ -61,7 +82,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         "engine".to_string()
     });
     let mut names = Vec::new();
-    for detector in detectors::registered(&config) {
+    for detector in sources.iter().flat_map(|s| s.detectors(&config)) {
         let name = detector.name();
         let ctx = DetectorContext {
             config: config.clone(),
@@ -134,5 +155,21 @@ impl Termination {
             _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine beats once per `evaluate_interval`: its budget must outlast it.
+    #[test]
+    fn the_engine_budget_outlasts_the_evaluate_interval() {
+        let mut config = Config::default();
+        assert_eq!(engine_heartbeat_budget(&config), Duration::from_secs(10));
+        config.evaluate_interval = Duration::from_secs(5);
+        assert_eq!(engine_heartbeat_budget(&config), Duration::from_secs(20));
+        config.evaluate_interval = Duration::MAX;
+        assert_eq!(engine_heartbeat_budget(&config), Duration::MAX);
     }
 }

@@ -1,12 +1,12 @@
-//! The HTTP server: `/metrics`, `/healthz`, `/status`, `/events`, `/incidents`, `/stops`. It
-//! only reads what the engine publishes.
+//! The HTTP server: `/metrics`, `/healthz`, `/status`, `/incidents`, and each source
+//! section's own path (`/events`, `/stops`). It only reads what the engine publishes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -32,10 +32,9 @@ pub fn router(readers: Readers) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
-        .route("/events", get(events))
         .route("/incidents", get(incidents))
         .route("/incidents/{id}", get(incident))
-        .route("/stops", get(stops))
+        .fallback(section_endpoint)
         .with_state(readers)
 }
 
@@ -113,15 +112,13 @@ async fn incident(State(readers): State<Readers>, Path(id): Path<String>) -> Res
     }
 }
 
-/// Recent kernel events, newest first.
-async fn events(State(readers): State<Readers>) -> Response {
+/// A path a source's section serves: `/events` (recent kernel events, newest first), `/stops`
+/// (container stops: the event stream's health, stops in progress, recent stops).
+async fn section_endpoint(State(readers): State<Readers>, method: Method, uri: Uri) -> Response {
     let snapshot = readers.snapshot.borrow().clone();
-    axum::Json(&snapshot.kernel_log.events).into_response()
-}
-
-/// Container stops: the event stream's health, stops in progress (stuck ones with what holds
-/// them), recent stops newest first.
-async fn stops(State(readers): State<Readers>) -> Response {
-    let snapshot = readers.snapshot.borrow().clone();
-    axum::Json(snapshot.stops.as_ref()).into_response()
+    match snapshot.endpoint(uri.path()) {
+        Some(value) if method == Method::GET => axum::Json(value).into_response(),
+        Some(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+        None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    }
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hangwatch::check::CheckReport;
-use hangwatch::config::{Config, DEFAULT_YAML, LogConfig, LogFormat};
+use hangwatch::config::{Config, DEFAULT_YAML};
+use hangwatch::process::{EXIT_UNUSABLE, init_logging, runtime, serve};
 use hangwatch::triage::Triage;
 use serde::Serialize;
 
@@ -46,9 +47,6 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Alertmanager webhook that cordons and taints nodes whose alerts ask for it, and undoes
-    /// only its own cordons when they resolve. Needs a bearer token and Kubernetes credentials.
-    Cordoner(hangwatch::cordoner::Options),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -69,9 +67,6 @@ enum Format {
     Text,
     Json,
 }
-
-/// Exit code for "could not run / could not check".
-const EXIT_UNUSABLE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -116,14 +111,7 @@ fn main() -> ExitCode {
                 config.listen = listen;
             }
             init_logging(&config.log);
-            serve(hangwatch::daemon::run(config))
-        }
-        Command::Cordoner(options) => {
-            init_logging(&LogConfig {
-                format: options.log_format,
-                ..LogConfig::default()
-            });
-            serve(hangwatch::cordoner::run(options))
+            serve("hangwatch", hangwatch::daemon::run(config))
         }
         Command::Check { config, format } => {
             let config = match load(config.as_deref()) {
@@ -144,18 +132,6 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::from(report.outcome.exit_code()),
                 Err(code) => code,
             }
-        }
-    }
-}
-
-/// Run a long-lived server (the daemon, the cordoner) until it stops; exit 2 when it fails.
-fn serve(server: impl Future<Output = Result<(), String>>) -> ExitCode {
-    match runtime().and_then(|rt| rt.block_on(server)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("hangwatch: {e}");
-            ExitCode::from(EXIT_UNUSABLE)
         }
     }
 }
@@ -192,26 +168,4 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
         eprintln!("hangwatch: invalid configuration: {e}");
         ExitCode::from(EXIT_UNUSABLE)
     })
-}
-
-/// One thread for async work (everything is I/O-bound and bounded by deadlines) plus
-/// tokio's blocking pool for file reads that may block.
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(16)
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
-}
-
-fn init_logging(log: &LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

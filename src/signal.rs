@@ -1,172 +1,56 @@
-//! The typed signals detectors send to the engine: the only way information enters the state.
+//! The signals that reach the engine: the only way information enters the state.
+//!
+//! A source's detector sends its own payload type, addressed to its source by name; only that
+//! source's engine-side state opens it. This file knows no source and no action.
 
+use std::any::Any;
 use std::fmt;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::actions::dumps::DumpEvent;
 use crate::containers::ContainerInfo;
-use crate::detectors::kernel::{KernelEvent, KernelLogCounters, LogSource};
-use crate::detectors::lifecycle::ContainerEvent;
-use crate::detectors::procscan::ScanReport;
 
-/// A container runtime hangwatch probes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Runtime {
-    Docker,
-    Containerd,
-}
+/// A value of a type the sender and its one reader agree on.
+pub struct Payload(Box<dyn Any + Send>);
 
-impl Runtime {
-    pub const ALL: [Runtime; 2] = [Runtime::Docker, Runtime::Containerd];
+impl Payload {
+    pub fn new<T: Any + Send>(value: T) -> Payload {
+        Payload(Box::new(value))
+    }
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Runtime::Docker => "docker",
-            Runtime::Containerd => "containerd",
-        }
+    /// The value, when it is a `T`; else the payload back.
+    pub fn downcast<T: Any>(self) -> Result<T, Payload> {
+        self.0.downcast::<T>().map(|b| *b).map_err(Payload)
     }
 }
 
-impl fmt::Display for Runtime {
+impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str("Payload(..)")
     }
 }
 
-/// One kind of probe call. At most one of each kind is in flight per runtime.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Operation {
-    /// Docker `GET /_ping`: answers even when container locks are stuck.
-    Ping,
-    /// Docker `GET /containers/json`: what `docker ps` and kubelet do.
-    ListContainers,
-    /// containerd `Version`: the cheapest call, takes no locks.
-    Version,
-    /// containerd `Tasks.List` in one namespace.
-    ListTasks { namespace: String },
-}
-
-impl Operation {
-    /// The `operation` label value.
-    pub fn label(&self) -> String {
-        match self {
-            Operation::Ping => "ping".into(),
-            Operation::ListContainers => "list_containers".into(),
-            Operation::Version => "version".into(),
-            Operation::ListTasks { namespace } => format!("list_tasks:{namespace}"),
-        }
-    }
-
-    /// Liveness operations answer without touching container state; a runtime whose liveness
-    /// answers while another operation is stuck is *wedged*, not *hung*.
-    pub fn is_liveness(&self) -> bool {
-        matches!(self, Operation::Ping | Operation::Version)
-    }
-}
-
-/// Why a probe did not succeed. The variants are the `reason` label values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "reason", content = "detail")]
-pub enum ProbeFailure {
-    /// No answer before the hard deadline.
-    Timeout,
-    /// Connected, but the answer was an error or not a valid reply.
-    Error(String),
-    /// Could not connect: socket missing, refused, permission denied.
-    Unreachable(Unreachable),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Unreachable {
-    SocketMissing,
-    Refused,
-    PermissionDenied,
-    Other(String),
-}
-
-impl ProbeFailure {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ProbeFailure::Timeout => "timeout",
-            ProbeFailure::Error(_) => "error",
-            ProbeFailure::Unreachable(_) => "unreachable",
-        }
-    }
-}
-
-impl fmt::Display for ProbeFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProbeFailure::Timeout => f.write_str("timed out"),
-            ProbeFailure::Error(e) => write!(f, "error: {e}"),
-            ProbeFailure::Unreachable(Unreachable::SocketMissing) => f.write_str("socket missing"),
-            ProbeFailure::Unreachable(Unreachable::Refused) => f.write_str("connection refused"),
-            ProbeFailure::Unreachable(Unreachable::PermissionDenied) => {
-                f.write_str("permission denied on socket")
-            }
-            ProbeFailure::Unreachable(Unreachable::Other(e)) => write!(f, "unreachable: {e}"),
-        }
-    }
-}
-
-/// Everything a detector can tell the engine.
+/// Everything that can tell the engine something.
 #[derive(Debug)]
 pub enum Signal {
-    /// A probe call began. `id` pairs it with its `ProbeFinished`.
-    ProbeStarted {
-        runtime: Runtime,
-        operation: Operation,
-        id: u64,
-        at: Instant,
+    /// A detector's payload for the source named `source`.
+    Source {
+        source: &'static str,
+        payload: Payload,
     },
-    /// A probe call ended, successfully or not.
-    ProbeFinished {
-        runtime: Runtime,
-        operation: Operation,
-        id: u64,
-        started: Instant,
-        finished: Instant,
-        result: Result<(), ProbeFailure>,
-    },
-    /// Containers a runtime listed: names, images, pods for container ids.
+    /// Containers a runtime listed or a lookup found: names, images, pods for container ids.
     ContainersSeen(Vec<ContainerInfo>),
-    /// Progress of a goroutine dump the engine asked for.
-    Dump(DumpEvent),
-    /// A kernel log record matched a rule.
-    Kernel(Box<KernelEvent>),
-    /// Kernel log counter increments since the previous one of these (at most one per second).
-    KernelLogCounters(KernelLogCounters),
-    /// The kernel log is open and being read, through `source`.
-    KernelLogUp { path: PathBuf, source: LogSource },
-    /// The kernel log cannot be read. `retry_in`: when the next attempt is made; None when
-    /// none will be (the rules do not compile).
-    KernelLogDown {
-        path: PathBuf,
-        error: String,
-        retry_in: Option<Duration>,
-    },
-    /// The result of one /proc scan: D-state tasks, frozen tasks, stuck runtime processes.
-    ProcScan(Box<ScanReport>),
-    /// A container event from a runtime's event stream, each event once (replays after a
-    /// reconnection are dropped by the detector).
-    ContainerEvent(Box<ContainerEvent>),
-    /// The runtime's event stream is open; `reconnected` after it had broken.
-    EventStreamUp { runtime: Runtime, reconnected: bool },
-    /// The event stream could not be opened or ended; the next attempt is in `retry_in`.
-    EventStreamDown {
-        runtime: Runtime,
-        error: String,
-        retry_in: Duration,
-    },
-    /// A line of the event stream that is not a usable event (logged by the detector).
-    EventMalformed { runtime: Runtime, reason: String },
+    /// The result of a background action the engine started (e.g. a goroutine dump).
+    Action(Payload),
+}
+
+impl Signal {
+    pub fn source<T: Any + Send>(source: &'static str, payload: T) -> Signal {
+        Signal::Source {
+            source,
+            payload: Payload::new(payload),
+        }
+    }
 }
 
 /// The sending half detectors hold. Sending never blocks a detector for long: the channel is
@@ -191,9 +75,4 @@ impl SignalSender {
     pub async fn send(&self, signal: Signal) -> bool {
         self.inner.send(signal).await.is_ok()
     }
-}
-
-/// Wall-clock time for records shown to humans; `Instant` is used for all arithmetic.
-pub fn now_wall() -> SystemTime {
-    SystemTime::now()
 }

@@ -1,4 +1,4 @@
-//! `hangwatch cordoner` (the real process, kube-rs client) against the fake Kubernetes API
+//! `hangwatch-cordoner` (the real process, kube-rs client) against the fake Kubernetes API
 //! server: cordon and undo, a human's cordon, the cap with two replicas racing, the rate
 //! limit, authentication, payload validation, dry-run, conflicts and a hung API server.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::cordoner::{Cordoner, notification};
 use support::fake_apiserver::FakeApiServer;
-use support::hangwatch::{TempDir, metric_value, run_cli};
+use support::hangwatch::{TempDir, cordoner_binary, metric_value, run_program};
 
 const TAINT: &str = "hangwatch.io/runtime-unhealthy";
 
@@ -278,7 +278,7 @@ fn unauthenticated_and_malformed_calls_are_rejected_before_any_api_call() {
 
 #[test]
 fn refuses_to_start_without_a_token_or_credentials() {
-    let (code, _, stderr) = run_cli(&["cordoner", "--listen", "127.0.0.1:0"]);
+    let (code, _, stderr) = run_program(cordoner_binary(), &["--listen", "127.0.0.1:0"]);
     assert_eq!(code, 2);
     assert!(
         stderr.contains("--token-file") && stderr.contains("HANGWATCH_CORDONER_TOKEN"),
@@ -288,8 +288,8 @@ fn refuses_to_start_without_a_token_or_credentials() {
     let dir = TempDir::new("cordoner");
     let token = dir.path().join("token");
     std::fs::write(&token, "t").expect("token");
-    let output = std::process::Command::new(support::hangwatch::binary())
-        .args(["cordoner", "--listen", "127.0.0.1:0", "--token-file"])
+    let output = std::process::Command::new(cordoner_binary())
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
         .arg(&token)
         .env("KUBECONFIG", dir.path().join("missing"))
         .env_remove("KUBERNETES_SERVICE_HOST")

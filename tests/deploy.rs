@@ -238,7 +238,10 @@ fn cordoner_may_touch_nodes_only_and_runs_two_unprivileged_replicas() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(args[0], "cordoner");
+    assert_eq!(
+        container["image"], "hangwatch-cordoner:0.1.0",
+        "the cordoner's own image"
+    );
     let token_file = args
         .iter()
         .find_map(|a| a.strip_prefix("--token-file="))
@@ -256,8 +259,10 @@ fn cordoner_may_touch_nodes_only_and_runs_two_unprivileged_replicas() {
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     // The flags the manifest passes are ones the binary accepts.
-    let (code, _, stderr) =
-        support::hangwatch::run_cli(&args.iter().copied().chain(["--help"]).collect::<Vec<_>>());
+    let (code, _, stderr) = support::hangwatch::run_program(
+        support::hangwatch::cordoner_binary(),
+        &args.iter().copied().chain(["--help"]).collect::<Vec<_>>(),
+    );
     assert_eq!(code, 0, "{stderr}");
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use hangwatch::config::KernelLogConfig;
-use hangwatch::detectors::kernel::{KernelEvent, Pipeline, default_rules, parse_record};
+use hangwatch::sources::kernel::detect::{KernelEvent, Pipeline, default_rules, parse_record};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]

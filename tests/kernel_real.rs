@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hangwatch::config::{Config, KernelLogSource};
-use hangwatch::detectors::kernel::{
-    KernelEvent, KernelLogCounters, KernelLogDetector, KmsgRead, KmsgReader, LogSource,
-    POSITION_FILE, Position, SavedPosition, StartPosition, check,
-};
-use hangwatch::detectors::{Detector, DetectorContext};
 use hangwatch::heartbeat::Heartbeats;
 use hangwatch::signal::{self, Signal, SignalReceiver};
+use hangwatch::sources::kernel::detect::{
+    KernelEvent, KernelLogCounters, KernelLogDetector, KernelSignal, KmsgRead, KmsgReader,
+    LogSource, POSITION_FILE, Position, SavedPosition, StartPosition, check,
+};
+use hangwatch::sources::{Detector, DetectorContext};
 use support::oom::{OomVictim, TestCgroup};
 use support::{Sysctl, wait_for};
 use tokio_util::sync::CancellationToken;
@@ -133,17 +133,26 @@ impl Harness {
 
     fn poll(&mut self) {
         while let Ok(signal) = self.receiver.try_recv() {
-            match signal {
-                Signal::Kernel(event) => self.seen.events.push((Instant::now(), *event)),
-                Signal::KernelLogCounters(delta) => {
+            let Signal::Source {
+                source: hangwatch::sources::kernel::NAME,
+                payload,
+            } = signal
+            else {
+                panic!("unexpected signal {signal:?}");
+            };
+            match payload.downcast::<KernelSignal>() {
+                Ok(KernelSignal::Event { event, .. }) => {
+                    self.seen.events.push((Instant::now(), *event))
+                }
+                Ok(KernelSignal::Counters(delta)) => {
                     self.seen.counters += delta;
                     self.seen.counter_signals += 1;
                 }
-                Signal::KernelLogUp { .. } => self.seen.ups += 1,
-                Signal::KernelLogDown {
+                Ok(KernelSignal::Up { .. }) => self.seen.ups += 1,
+                Ok(KernelSignal::Down {
                     error, retry_in, ..
-                } => self.seen.downs.push((error, retry_in)),
-                other => panic!("unexpected signal {other:?}"),
+                }) => self.seen.downs.push((error, retry_in)),
+                Err(other) => panic!("unexpected payload {other:?}"),
             }
         }
     }

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hangwatch::config::Config;
-use hangwatch::detectors::{DetectorContext, procscan, registered};
 use hangwatch::heartbeat::Heartbeats;
 use hangwatch::signal::{self, Signal};
+use hangwatch::sources::procscan::{self, detect::ScanReport};
+use hangwatch::sources::{DetectorContext, registered};
 use tokio_util::sync::CancellationToken;
 
 struct Killed(Child);
@@ -25,10 +26,15 @@ impl Drop for Killed {
 #[test]
 fn registered_only_when_enabled() {
     let mut config = Config::default();
-    let names: Vec<String> = registered(&config).iter().map(|d| d.name()).collect();
+    let config_arc = Arc::new(config.clone());
+    let names: Vec<String> = registered()
+        .iter()
+        .flat_map(|s| s.detectors(&config_arc))
+        .map(|d| d.name())
+        .collect();
     assert!(names.contains(&"proc_scan".to_string()), "{names:?}");
     config.proc_scan.enabled = false;
-    assert!(procscan::detector(&config).is_none());
+    assert!(procscan::detect::detector(&config).is_none());
 }
 
 /// Scans run on their own thread: a current-thread runtime keeps waking its timers on time
@@ -56,7 +62,7 @@ fn scans_off_the_async_thread_report_and_stop_promptly() {
     let mut config = Config::default();
     config.proc_scan.interval = Duration::from_millis(1);
     let config = Arc::new(config);
-    let detector = procscan::detector(&config).expect("enabled by default");
+    let detector = procscan::detect::detector(&config).expect("enabled by default");
     let heartbeats = Heartbeats::default();
     let (signals, mut received) = signal::channel();
     let shutdown = CancellationToken::new();
@@ -81,7 +87,10 @@ fn scans_off_the_async_thread_report_and_stop_promptly() {
             let tick = Instant::now();
             tokio::select! {
                 signal = received.recv() => match signal {
-                    Some(Signal::ProcScan(report)) => reports.push(report),
+                    Some(Signal::Source { source: procscan::NAME, payload }) => {
+                        let report: Box<ScanReport> = payload.downcast().expect("a scan report");
+                        reports.push(report);
+                    }
                     other => panic!("unexpected signal {other:?}"),
                 },
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {

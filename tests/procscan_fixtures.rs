@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hangwatch::config::Config;
-use hangwatch::detectors::procscan::{
+use hangwatch::sources::procscan::detect::{
     Direction, ProcScanner, RuntimeKind, ScanReport, Scope, StuckTask,
 };
 

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hangwatch::config::Config;
-use hangwatch::detectors::procscan::{
+use hangwatch::sources::procscan::detect::{
     Direction, ProcScanner, RuntimeKind, ScanReport, Scope, StuckRuntimeProcess,
 };
 use support::{helper_binary, wait_for};
@@ -466,7 +466,7 @@ fn runc_waiting_on_a_live_init_has_a_partner_until_the_init_is_killed() {
     assert_eq!(init_fifo.blocked_opening, None);
     assert_eq!(init_fifo.partner_pid, Some(runc_pid));
 
-    // The OOM killer takes the init: runc now waits forever (seed 002).
+    // The OOM killer takes the init: runc now waits forever on its exec.fifo.
     init.kill();
     let report = scanner.scan();
     assert!(stuck_process(&report, init_pid).is_none());

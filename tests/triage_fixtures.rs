@@ -181,7 +181,7 @@ fn containerd_dump_is_recognised_and_idle() {
 }
 
 #[test]
-fn seed_002_names_containerd_and_the_lock() {
+fn oom_storm_dump_names_containerd_and_the_lock() {
     let t = fixture(SEED_002);
     assert_clean_input(&t);
     assert_eq!(t.daemon, Daemon::Dockerd);

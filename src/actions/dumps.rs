@@ -15,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::target::{Daemon, Target, send_dump_signal};
-use crate::signal::{Signal, SignalSender};
+use super::target::{Target, send_dump_signal};
+use crate::domain::Runtime;
+use crate::signal::{Payload, Signal, SignalSender};
 use crate::triage::{self, TriageLimits};
 
 /// How often the dump directory is looked at while waiting.
@@ -25,7 +26,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// A collected dump, as recorded in incidents and `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DumpRecord {
-    pub daemon: Daemon,
+    pub daemon: Runtime,
     pub pid: i32,
     /// Where the daemon wrote it.
     pub source: PathBuf,
@@ -72,11 +73,11 @@ impl DumpOutcome {
 #[derive(Debug, Clone)]
 pub enum DumpEvent {
     /// The signal went out (the daemon will dump when it runs).
-    Signalled { daemon: Daemon, pid: i32 },
+    Signalled { daemon: Runtime, pid: i32 },
     /// Nothing yet after `dumps.wait`: the daemon is probably stopped; still waiting.
-    Pending { daemon: Daemon },
+    Pending { daemon: Runtime },
     Finished {
-        daemon: Daemon,
+        daemon: Runtime,
         outcome: DumpOutcome,
     },
 }
@@ -109,16 +110,25 @@ pub async fn take(job: DumpJob, signals: SignalSender) {
     let outcome = collect(&job, &signals).await;
     match &outcome {
         DumpOutcome::Ok(record) => tracing::info!(
-            %daemon, pid = record.pid, path = %record.path.display(), bytes = record.bytes,
+            daemon = daemon.daemon_name(), pid = record.pid, path = %record.path.display(), bytes = record.bytes,
             "goroutine dump collected"
         ),
         DumpOutcome::Timeout { waited_seconds } => {
-            tracing::warn!(%daemon, waited_seconds, "no goroutine dump appeared")
+            tracing::warn!(
+                daemon = daemon.daemon_name(),
+                waited_seconds,
+                "no goroutine dump appeared"
+            )
         }
-        DumpOutcome::Failed { reason } => tracing::warn!(%daemon, %reason, "goroutine dump failed"),
+        DumpOutcome::Failed { reason } => {
+            tracing::warn!(daemon = daemon.daemon_name(), %reason, "goroutine dump failed")
+        }
     }
     signals
-        .send(Signal::Dump(DumpEvent::Finished { daemon, outcome }))
+        .send(Signal::Action(Payload::new(DumpEvent::Finished {
+            daemon,
+            outcome,
+        })))
         .await;
 }
 
@@ -140,10 +150,10 @@ async fn collect(job: &DumpJob, signals: &SignalSender) -> DumpOutcome {
     };
     let daemon = job.target.daemon;
     signals
-        .send(Signal::Dump(DumpEvent::Signalled {
+        .send(Signal::Action(Payload::new(DumpEvent::Signalled {
             daemon,
             pid: job.target.pid,
-        }))
+        })))
         .await;
 
     let started = Instant::now();
@@ -154,12 +164,14 @@ async fn collect(job: &DumpJob, signals: &SignalSender) -> DumpOutcome {
         if !pending_reported && started.elapsed() >= job.wait {
             pending_reported = true;
             tracing::warn!(
-                %daemon, pid = job.target.pid,
+                daemon = daemon.daemon_name(),
+                pid = job.target.pid,
                 "goroutine dump not written after {:?} (daemon stopped?); still waiting up to {:?}",
-                job.wait, job.background_wait
+                job.wait,
+                job.background_wait
             );
             signals
-                .send(Signal::Dump(DumpEvent::Pending { daemon }))
+                .send(Signal::Action(Payload::new(DumpEvent::Pending { daemon })))
                 .await;
         }
         // Listing a directory is file I/O: off the async thread.
@@ -202,7 +214,7 @@ fn is_docker_dump(name: &str) -> bool {
 
 fn before(job: &DumpJob) -> Before {
     match job.target.daemon {
-        Daemon::Dockerd => Before::DockerFiles(
+        Runtime::Docker => Before::DockerFiles(
             fs::read_dir(&job.source_dir)
                 .map(|d| {
                     d.flatten()
@@ -212,7 +224,7 @@ fn before(job: &DumpJob) -> Before {
                 })
                 .unwrap_or_default(),
         ),
-        Daemon::Containerd => Before::ContainerdFile(
+        Runtime::Containerd => Before::ContainerdFile(
             fs::metadata(containerd_dump_path(job))
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len()))),
@@ -252,14 +264,15 @@ fn copy_dump(job: &DumpJob, source: &Path, wait_seconds: f64) -> Result<DumpReco
         .to_string()
         .replace(':', "");
     let daemon = job.target.daemon;
+    let name = daemon.daemon_name();
     let mut path = job
         .dump_dir
-        .join(format!("{daemon}-{stamp}-pid{}.log", job.target.pid));
+        .join(format!("{name}-{stamp}-pid{}.log", job.target.pid));
     let mut n = 1;
     while path.exists() {
         path = job
             .dump_dir
-            .join(format!("{daemon}-{stamp}-pid{}-{n}.log", job.target.pid));
+            .join(format!("{name}-{stamp}-pid{}-{n}.log", job.target.pid));
         n += 1;
     }
     let file = fs::File::open(source).map_err(|e| format!("open {}: {e}", source.display()))?;
@@ -271,7 +284,7 @@ fn copy_dump(job: &DumpJob, source: &Path, wait_seconds: f64) -> Result<DumpReco
     let bytes = std::io::copy(&mut limited, &mut out)
         .map_err(|e| format!("copy {} → {}: {e}", source.display(), temporary.display()))?;
     fs::rename(&temporary, &path).map_err(|e| format!("rename {}: {e}", path.display()))?;
-    if job.clean_docker_dumps && daemon == Daemon::Dockerd {
+    if job.clean_docker_dumps && daemon == Runtime::Docker {
         remove_docker_dumps(&job.source_dir);
     }
     enforce_retention(&job.dump_dir, job.keep_files, job.keep_bytes);

@@ -114,9 +114,9 @@ fn prune(dir: &Path, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Runtime;
     use crate::engine::incidents::IncidentBook;
     use crate::engine::incidents::tests::seen;
-    use crate::signal::Runtime;
     use std::time::{Duration, SystemTime};
 
     #[test]

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use crate::config::{Config, RuntimeMode};
-use crate::detectors::probe::{ContainerdClient, DockerClient};
 use crate::signal::{Signal, SignalSender};
+use crate::sources::runtime::detect::{ContainerdClient, DockerClient};
 
 /// A name is a nicety: never wait long for one.
 const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);

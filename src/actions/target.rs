@@ -6,7 +6,6 @@
 //! executable is verified before anything is sent, and the signal goes through a pidfd opened
 //! *before* the verification, so a PID reused in between can never be signalled.
 
-use std::fmt;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -14,36 +13,15 @@ use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A daemon hangwatch may ask for a goroutine dump.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Daemon {
-    Dockerd,
-    Containerd,
-}
+use crate::domain::Runtime;
 
-impl Daemon {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Daemon::Dockerd => "dockerd",
-            Daemon::Containerd => "containerd",
-        }
-    }
-
-    /// Executable names this daemon runs as (Docker ≤ 17.x shipped `docker-containerd`).
-    fn executables(self) -> &'static [&'static str] {
-        match self {
-            Daemon::Dockerd => &["dockerd"],
-            Daemon::Containerd => &["containerd", "docker-containerd"],
-        }
-    }
-}
-
-impl fmt::Display for Daemon {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// Executable names a runtime's daemon runs as (Docker ≤ 17.x shipped `docker-containerd`).
+fn executables(daemon: Runtime) -> &'static [&'static str] {
+    match daemon {
+        Runtime::Docker => &["dockerd"],
+        Runtime::Containerd => &["containerd", "docker-containerd"],
     }
 }
 
@@ -57,7 +35,8 @@ pub enum FoundBy {
 /// A verified daemon process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Target {
-    pub daemon: Daemon,
+    #[serde(with = "crate::domain::as_daemon")]
+    pub daemon: Runtime,
     pub pid: i32,
     /// Start time in clock ticks since boot (field 22 of stat): identifies the process.
     pub start_time: u64,
@@ -66,7 +45,7 @@ pub struct Target {
 
 /// Find the daemon serving `socket`, else the one named by `pidfile`.
 pub fn resolve(
-    daemon: Daemon,
+    daemon: Runtime,
     socket: &Path,
     pidfile: Option<&Path>,
     proc_root: &Path,
@@ -74,15 +53,16 @@ pub fn resolve(
     if let Some(target) = socket_owner(daemon, socket, proc_root) {
         return Ok(target);
     }
+    let name = daemon.daemon_name();
     let Some(pidfile) = pidfile.filter(|p| !p.as_os_str().is_empty()) else {
         return Err(format!(
-            "no {daemon} process owns {} and no pidfile is configured",
+            "no {name} process owns {} and no pidfile is configured",
             socket.display()
         ));
     };
     let text = fs::read_to_string(pidfile).map_err(|e| {
         format!(
-            "no {daemon} owns {}; pidfile {}: {e}",
+            "no {name} owns {}; pidfile {}: {e}",
             socket.display(),
             pidfile.display()
         )
@@ -99,7 +79,7 @@ pub fn resolve(
 
 /// Check that `pid` runs one of the daemon's executables; return its identity.
 pub fn verify(
-    daemon: Daemon,
+    daemon: Runtime,
     pid: i32,
     proc_root: &Path,
     found_by: FoundBy,
@@ -108,10 +88,11 @@ pub fn verify(
     let exe = fs::read_link(dir.join("exe"))
         .map_err(|e| format!("pid {pid}: cannot read its executable: {e}"))?;
     let name = executable_name(&exe);
-    if !daemon.executables().contains(&name.as_str()) {
+    if !executables(daemon).contains(&name.as_str()) {
         return Err(format!(
-            "pid {pid} runs {} which is not {daemon}: refusing to signal it",
-            exe.display()
+            "pid {pid} runs {} which is not {}: refusing to signal it",
+            exe.display(),
+            daemon.daemon_name()
         ));
     }
     let stat = fs::read_to_string(dir.join("stat")).map_err(|e| format!("pid {pid}: {e}"))?;
@@ -140,7 +121,7 @@ fn stat_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn socket_owner(daemon: Daemon, socket: &Path, proc_root: &Path) -> Option<Target> {
+fn socket_owner(daemon: Runtime, socket: &Path, proc_root: &Path) -> Option<Target> {
     let wanted = fs::metadata(socket).ok().map(|m| (m.dev(), m.ino()));
     let entries = fs::read_dir(proc_root).ok()?;
     for entry in entries.flatten() {
@@ -151,8 +132,7 @@ fn socket_owner(daemon: Daemon, socket: &Path, proc_root: &Path) -> Option<Targe
         let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        if !daemon
-            .executables()
+        if !executables(daemon)
             .iter()
             .any(|e| e.starts_with(comm.trim()))
         {

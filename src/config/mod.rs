@@ -9,6 +9,9 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::Runtime;
+use crate::sources::runtime::verdict::RuntimeState;
+
 /// The commented default configuration, printed by `hangwatch config default`.
 pub const DEFAULT_YAML: &str = include_str!("default.yaml");
 
@@ -192,7 +195,8 @@ pub struct ProcScanConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DumpConfig {
     pub enabled: bool,
-    pub trigger_states: Vec<String>,
+    /// Parsed at load: a state name that does not exist is a load error naming the key.
+    pub trigger_states: Vec<RuntimeState>,
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     pub max_per_hour: u32,
@@ -342,7 +346,7 @@ impl Default for DumpConfig {
     fn default() -> Self {
         DumpConfig {
             enabled: true,
-            trigger_states: vec!["wedged".into(), "hung".into()],
+            trigger_states: vec![RuntimeState::Wedged, RuntimeState::Hung],
             cooldown: secs(600),
             max_per_hour: 3,
             wait: secs(30),
@@ -478,9 +482,10 @@ impl Config {
             }
         }
         for (index, state) in self.dumps.trigger_states.iter().enumerate() {
-            if !["slow", "wedged", "hung", "down"].contains(&state.as_str()) {
+            if !RuntimeState::TRIGGERS.contains(state) {
                 problems.push(format!(
-                    "dumps.trigger_states[{index}] `{state}` is not one of slow, wedged, hung, down"
+                    "dumps.trigger_states[{index}] `{}` is not one of slow, wedged, hung, down",
+                    state.as_str()
                 ));
             }
         }
@@ -511,6 +516,14 @@ impl Config {
     }
 
     /// The node name: configured, else `$NODE_NAME`, else the hostname.
+    /// How `runtime` is to be probed.
+    pub fn runtime_mode(&self, runtime: Runtime) -> RuntimeMode {
+        match runtime {
+            Runtime::Docker => self.docker.mode,
+            Runtime::Containerd => self.containerd.mode,
+        }
+    }
+
     pub fn resolved_node_name(&self) -> String {
         if !self.node_name.is_empty() {
             return self.node_name.clone();
@@ -648,6 +661,12 @@ mod tests {
             e.message
         );
         let e = Config::parse("dumps:\n  trigger_states: [stuck]\n").unwrap_err();
+        assert!(
+            e.message.contains("dumps.trigger_states") && e.message.contains("stuck"),
+            "{}",
+            e.message
+        );
+        let e = Config::parse("dumps:\n  trigger_states: [pending]\n").unwrap_err();
         assert!(
             e.message.contains("dumps.trigger_states[0]"),
             "{}",

@@ -1,10 +1,9 @@
 //! When a stall may trigger a goroutine dump: a cooldown and a cap per hour, per daemon, so a
 //! flapping runtime is not signalled over and over.
 
+use crate::domain::Runtime;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-
-use crate::actions::target::Daemon;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -21,7 +20,7 @@ pub enum Decision {
 pub struct DumpPolicy {
     cooldown: Duration,
     max_per_hour: u32,
-    sent: HashMap<Daemon, VecDeque<Instant>>,
+    sent: HashMap<Runtime, VecDeque<Instant>>,
 }
 
 impl DumpPolicy {
@@ -34,7 +33,7 @@ impl DumpPolicy {
     }
 
     /// Decide for `daemon` at `now`; an allowed dump is recorded as sent.
-    pub fn decide(&mut self, daemon: Daemon, now: Instant) -> Decision {
+    pub fn decide(&mut self, daemon: Runtime, now: Instant) -> Decision {
         let sent = self.sent.entry(daemon).or_default();
         while sent
             .front()
@@ -64,14 +63,14 @@ mod tests {
     fn cooldown_per_daemon() {
         let t0 = Instant::now();
         let mut p = DumpPolicy::new(Duration::from_secs(600), 3);
-        assert_eq!(p.decide(Daemon::Dockerd, t0), Decision::Allow);
-        assert_eq!(p.decide(Daemon::Containerd, t0), Decision::Allow);
+        assert_eq!(p.decide(Runtime::Docker, t0), Decision::Allow);
+        assert_eq!(p.decide(Runtime::Containerd, t0), Decision::Allow);
         assert_eq!(
-            p.decide(Daemon::Dockerd, t0 + Duration::from_secs(599)),
+            p.decide(Runtime::Docker, t0 + Duration::from_secs(599)),
             Decision::Cooldown
         );
         assert_eq!(
-            p.decide(Daemon::Dockerd, t0 + Duration::from_secs(600)),
+            p.decide(Runtime::Docker, t0 + Duration::from_secs(600)),
             Decision::Allow
         );
     }
@@ -80,17 +79,17 @@ mod tests {
     fn hourly_cap_then_window_slides() {
         let t0 = Instant::now();
         let mut p = DumpPolicy::new(Duration::from_secs(60), 2);
-        assert_eq!(p.decide(Daemon::Dockerd, t0), Decision::Allow);
+        assert_eq!(p.decide(Runtime::Docker, t0), Decision::Allow);
         assert_eq!(
-            p.decide(Daemon::Dockerd, t0 + Duration::from_secs(60)),
+            p.decide(Runtime::Docker, t0 + Duration::from_secs(60)),
             Decision::Allow
         );
         assert_eq!(
-            p.decide(Daemon::Dockerd, t0 + Duration::from_secs(120)),
+            p.decide(Runtime::Docker, t0 + Duration::from_secs(120)),
             Decision::HourlyCap
         );
         assert_eq!(
-            p.decide(Daemon::Dockerd, t0 + Duration::from_secs(3600)),
+            p.decide(Runtime::Docker, t0 + Duration::from_secs(3600)),
             Decision::Allow
         );
     }

@@ -9,10 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::stops::HeldBy;
 use crate::actions::dumps::{DumpOutcome, DumpRecord};
-use crate::actions::target::Daemon;
-use crate::signal::Runtime;
+use crate::domain::Runtime;
+use crate::sources::lifecycle::stops::HeldBy;
 
 /// Evidence older than this before a stall opens is not attached to it.
 pub const EVIDENCE_LOOKBACK: Duration = Duration::from_secs(300);
@@ -45,7 +44,8 @@ pub enum DumpStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DumpEntry {
-    pub daemon: Daemon,
+    #[serde(with = "crate::domain::as_daemon")]
+    pub daemon: Runtime,
     pub status: DumpStatus,
     pub detail: Option<String>,
     pub record: Option<DumpRecord>,
@@ -476,7 +476,7 @@ impl IncidentBook {
     pub fn dump_requested(
         &mut self,
         runtime: Runtime,
-        daemon: Daemon,
+        daemon: Runtime,
         status: DumpStatus,
         detail: Option<String>,
     ) -> Vec<Change> {
@@ -497,7 +497,7 @@ impl IncidentBook {
     /// already closed (a stopped daemon writes its dump only after it recovered).
     pub fn dump_progress(
         &mut self,
-        daemon: Daemon,
+        daemon: Runtime,
         status: DumpStatus,
         outcome: Option<&DumpOutcome>,
         triage: Option<String>,
@@ -546,7 +546,7 @@ fn layer_rank(layer: &str) -> u8 {
     }
 }
 
-/// A sentence naming the most likely cause, from the evidence in the window. The seed-002
+/// A sentence naming the most likely cause, from the evidence in the window. The OOM-killed `runc:[2:INIT]`
 /// chain (runc:[2:INIT] OOM-killed, then runc blocked on its exec.fifo, then containerd and
 /// dockerd stuck) is spelled out when its parts are present.
 pub fn suspected_cause(incident: &Incident) -> String {
@@ -653,12 +653,12 @@ pub fn suspected_cause(incident: &Incident) -> String {
     parts.extend(incident.evidence.iter().filter_map(stuck_stop_cause));
     for dump in &incident.dumps {
         if let Some(triage) = &dump.triage {
-            parts.push(format!("{} dump: {triage}", dump.daemon));
+            parts.push(format!("{} dump: {triage}", dump.daemon.daemon_name()));
         }
     }
     let mut text = String::new();
     if chain >= 2 {
-        text.push_str("runc exec.fifo hang (seed 002): ");
+        text.push_str("runc exec.fifo hang (runc:[2:INIT] gone before the exec fifo opened): ");
     }
     text.push_str(&parts.join("; "));
     if parts.len() == 1 {
@@ -707,10 +707,15 @@ fn stuck_stop_cause(evidence: &Evidence) -> Option<String> {
     Some(text)
 }
 
+/// `.../<container id>/exec.fifo` as `<first 12 characters of the id>/exec.fifo`. The path
+/// comes from another process's /proc: cut by characters, never by bytes.
 fn short_path(path: &str) -> String {
     let parts: Vec<&str> = path.rsplitn(3, '/').collect();
     match parts.as_slice() {
-        [file, id, _] if id.len() > 12 => format!("{}/{file}", &id[..12]),
+        [file, id, _] if id.chars().count() > 12 => {
+            let short: String = id.chars().take(12).collect();
+            format!("{short}/{file}")
+        }
         _ => path.to_string(),
     }
 }
@@ -726,6 +731,22 @@ fn human(seconds: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn short_path_cuts_by_characters_not_bytes() {
+        assert_eq!(
+            short_path(
+                "/run/containerd/io.containerd.runtime.v2.task/k8s.io/0123456789abcdef/exec.fifo"
+            ),
+            "0123456789ab/exec.fifo"
+        );
+        // Multi-byte names from another process's /proc must not panic the engine.
+        assert_eq!(
+            short_path("/run/x/ééééééééééééééé/exec.fifo"),
+            "éééééééééééé/exec.fifo"
+        );
+        assert_eq!(short_path("exec.fifo"), "exec.fifo");
+    }
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
@@ -788,7 +809,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn seed_002_chain_is_named() {
+    fn oom_killed_runc_init_chain_is_named() {
         let mut b = book();
         b.add_evidence(Evidence::OomKill {
             at: t(0),
@@ -816,7 +837,9 @@ pub(crate) mod tests {
         let incident = b.open_incident(Runtime::Docker).expect("open");
         let cause = &incident.suspected_cause;
         assert!(
-            cause.starts_with("runc exec.fifo hang (seed 002)"),
+            cause.starts_with(
+                "runc exec.fifo hang (runc:[2:INIT] gone before the exec fifo opened)"
+            ),
             "{cause}"
         );
         assert!(
@@ -863,18 +886,18 @@ pub(crate) mod tests {
         );
         b.dump_requested(
             Runtime::Docker,
-            Daemon::Dockerd,
+            Runtime::Docker,
             DumpStatus::Signalled,
             None,
         );
-        b.dump_progress(Daemon::Dockerd, DumpStatus::Pending, None, None);
+        b.dump_progress(Runtime::Docker, DumpStatus::Pending, None, None);
         b.on_state(
             Runtime::Docker,
             &seen("healthy", "", false, true, "dockerd"),
             t(30),
         );
         let changes = b.dump_progress(
-            Daemon::Dockerd,
+            Runtime::Docker,
             DumpStatus::Ok,
             None,
             Some("57 goroutines blocked calling containerd".into()),

@@ -1,4 +1,4 @@
-//! The real `hangwatch cordoner` process against the fake API server, and a webhook client.
+//! The real `hangwatch-cordoner` process against the fake API server, and a webhook client.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::fake_apiserver::FakeApiServer;
-use super::hangwatch::{ChildLog, binary};
+use super::hangwatch::{ChildLog, cordoner_binary};
 use super::wait_for;
 
 pub const TOKEN: &str = "test-token-0c4f9a";
@@ -29,12 +29,11 @@ pub fn credentials(api: &FakeApiServer, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 impl Cordoner {
-    /// Start `hangwatch cordoner` on an ephemeral port with `args` added; wait until it listens.
+    /// Start `hangwatch-cordoner` on an ephemeral port with `args` added; wait until it listens.
     pub fn start(api: &FakeApiServer, dir: &Path, args: &[&str]) -> Cordoner {
         let (kubeconfig, token) = credentials(api, dir);
-        let mut child = Command::new(binary())
+        let mut child = Command::new(cordoner_binary())
             .args([
-                "cordoner",
                 "--listen",
                 "127.0.0.1:0",
                 "--log-format",
@@ -49,7 +48,7 @@ impl Cordoner {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start hangwatch cordoner");
+            .expect("start hangwatch-cordoner");
         let logs = ChildLog::capture(&mut child);
         let mut cordoner = Cordoner {
             child,

@@ -17,6 +17,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hangwatch")
 }
 
+/// The cordoner's own binary.
+pub fn cordoner_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_hangwatch-cordoner")
+}
+
 /// The log lines a child process writes to its (piped) stderr, collected by a thread.
 #[derive(Clone)]
 pub struct ChildLog(Arc<Mutex<Vec<String>>>);
@@ -246,12 +251,17 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 /// Run `hangwatch` with `args` to completion (with a deadline); returns exit code, stdout,
 /// stderr.
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_program(binary(), args)
+}
+
+/// Run `program` with `args` (at most 2 minutes); exit code, stdout, stderr.
+pub fn run_program(program: &str, args: &[&str]) -> (i32, String, String) {
     let output = Command::new("timeout")
         .arg("120")
-        .arg(binary())
+        .arg(program)
         .args(args)
         .output()
-        .expect("run hangwatch");
+        .expect("run program");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -90,20 +90,28 @@ impl Drop for Sysctl {
     }
 }
 
-/// Metric families registered in src/metrics.rs; counters are exposed with `_total`,
-/// histograms with `_bucket`/`_sum`/`_count`, info with `_info`.
+/// Metric families registered in `src/metrics.rs` and in each source's `metrics.rs` (read as
+/// text: a family with no series yet is not in the encoded output); counters are exposed with
+/// `_total`, histograms with `_bucket`/`_sum`/`_count`, info with `_info`.
 pub fn exported_families() -> std::collections::BTreeSet<String> {
-    let source =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
-            .expect("read src/metrics.rs");
-    source
-        .split('"')
-        .filter(|s| {
-            s.starts_with("hangwatch_")
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.join("metrics.rs")];
+    let sources = std::fs::read_dir(src.join("sources")).expect("read src/sources");
+    files.extend(sources.flatten().map(|e| e.path().join("metrics.rs")));
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|source| {
+            source
+                .split('"')
+                .filter(|s| {
+                    s.starts_with("hangwatch_")
+                        && s.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+                })
+                .map(str::to_string)
+                .collect::<Vec<_>>()
         })
-        .map(str::to_string)
         .collect()
 }
 

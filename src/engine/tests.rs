@@ -1,0 +1,356 @@
+//! The engine driven by a script of signals and times: no daemon, no root, no sleeps.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::config::Config;
+use crate::sources::runtime::RuntimesSection;
+use crate::sources::runtime::detect::{Operation, ProbeFailure, ProbeSignal, Unreachable};
+use crate::sources::runtime::verdict::RuntimeState;
+use crate::sources::{self, Now};
+
+/// What the engine asked the outside world to do.
+#[derive(Debug, Clone, PartialEq)]
+enum Done {
+    Dump(Runtime),
+    Resolve(String),
+    Saved { id: String, open: bool },
+}
+
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<Done>>>);
+
+impl Recorder {
+    fn taken(&self) -> Vec<Done> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn push(&self, done: Done) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+    }
+}
+
+impl Effects for Recorder {
+    fn dump(&self, daemon: Runtime) {
+        self.push(Done::Dump(daemon));
+    }
+
+    fn resolve(&self, id: String, _docker: bool, _containerd: bool) {
+        self.push(Done::Resolve(id));
+    }
+
+    fn save(&self, incident: &Incident) {
+        self.push(Done::Saved {
+            id: incident.id.clone(),
+            open: incident.is_open(),
+        });
+    }
+}
+
+/// A scripted clock: `at(s)` is `s` seconds after the start, on both clocks.
+struct Clock {
+    mono: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            mono: Instant::now(),
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        }
+    }
+
+    fn at(&self, seconds: f64) -> Now {
+        let d = Duration::from_secs_f64(seconds);
+        Now {
+            mono: self.mono + d,
+            wall: self.wall + d,
+        }
+    }
+}
+
+/// Docker probed (its socket need not exist: the engine only sees signals), nothing else.
+fn docker_only() -> Config {
+    let mut config = Config::default();
+    config.containerd.mode = RuntimeMode::Disabled;
+    config.kernel_log.enabled = false;
+    config.proc_scan.enabled = false;
+    config.lifecycle.enabled = false;
+    config.node_name = "node-a".into();
+    config
+}
+
+struct Driven {
+    engine: Engine,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    done: Recorder,
+    clock: Clock,
+    next_id: u64,
+}
+
+impl Driven {
+    fn new(config: Config) -> Driven {
+        let done = Recorder::default();
+        let clock = Clock::new();
+        let (engine, snapshot) = Engine::new(
+            Arc::new(config),
+            &sources::registered(),
+            Some(Box::new(done.clone())),
+            Vec::new(),
+            clock.at(0.0),
+        );
+        Driven {
+            engine,
+            snapshot,
+            done,
+            clock,
+            next_id: 1,
+        }
+    }
+
+    /// A probe of `operation` starting at `start`; returns its id.
+    fn start(&mut self, operation: Operation, start: f64) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let signal = ProbeSignal::Started {
+            runtime: Runtime::Docker,
+            operation,
+            id,
+            at: self.clock.at(start).mono,
+        };
+        self.engine.apply(
+            Signal::source(sources::runtime::NAME, signal),
+            self.clock.at(start),
+        );
+        id
+    }
+
+    fn finish(
+        &mut self,
+        operation: Operation,
+        id: u64,
+        start: f64,
+        end: f64,
+        result: Result<(), ProbeFailure>,
+    ) {
+        let signal = ProbeSignal::Finished {
+            runtime: Runtime::Docker,
+            operation,
+            id,
+            started: self.clock.at(start).mono,
+            finished: self.clock.at(end).mono,
+            result,
+        };
+        self.engine.apply(
+            Signal::source(sources::runtime::NAME, signal),
+            self.clock.at(end),
+        );
+    }
+
+    /// Both docker operations answer within 10 ms of `at`.
+    fn healthy_round(&mut self, at: f64) {
+        for operation in [Operation::Ping, Operation::ListContainers] {
+            let id = self.start(operation.clone(), at);
+            self.finish(operation, id, at, at + 0.01, Ok(()));
+        }
+    }
+
+    fn evaluate(&mut self, at: f64) {
+        self.engine.evaluate(self.clock.at(at));
+    }
+
+    fn docker_state(&self) -> RuntimeState {
+        let snapshot = self.snapshot.borrow().clone();
+        snapshot
+            .section::<RuntimesSection>()
+            .and_then(|s| s.0.iter().find(|r| r.runtime == Runtime::Docker))
+            .map(|r| r.state)
+            .unwrap_or(RuntimeState::Pending)
+    }
+
+    fn incidents(&self) -> Vec<Incident> {
+        self.snapshot.borrow().incidents.as_ref().clone()
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        self.engine
+            .metrics()
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+}
+
+#[test]
+fn a_stall_asks_for_dumps_opens_an_incident_and_recovery_closes_it() {
+    let mut d = Driven::new(docker_only());
+    assert_eq!(d.docker_state(), RuntimeState::Pending);
+
+    d.healthy_round(0.0);
+    d.evaluate(0.25);
+    assert_eq!(d.docker_state(), RuntimeState::Healthy);
+    assert_eq!(
+        d.metric(r#"hangwatch_runtime_state{node="node-a",runtime="docker",state="healthy"}"#),
+        Some(1.0)
+    );
+    assert!(
+        d.done.taken().is_empty(),
+        "a healthy runtime decides nothing"
+    );
+
+    // `docker ps` stops answering at 5 s; `_ping` still does: wedged once past the threshold.
+    let stuck = d.start(Operation::ListContainers, 5.0);
+    let ping = d.start(Operation::Ping, 5.0);
+    d.finish(Operation::Ping, ping, 5.0, 5.01, Ok(()));
+    d.evaluate(14.9);
+    assert_eq!(
+        d.docker_state(),
+        RuntimeState::Slow,
+        "in flight past the slow threshold, not yet the stall threshold"
+    );
+    assert!(d.incidents().is_empty());
+    d.evaluate(15.1);
+    assert_eq!(d.docker_state(), RuntimeState::Wedged);
+    assert_eq!(
+        d.metric(r#"hangwatch_runtime_stalled{node="node-a",runtime="docker"}"#),
+        Some(1.0)
+    );
+    let incidents = d.incidents();
+    assert_eq!(incidents.len(), 1);
+    assert!(incidents[0].is_open());
+    assert_eq!(
+        d.done.taken(),
+        vec![
+            Done::Dump(Runtime::Docker),
+            Done::Saved {
+                id: incidents[0].id.clone(),
+                open: true
+            }
+        ],
+        "one dump of dockerd (containerd is not probed), the incident saved"
+    );
+    assert_eq!(
+        d.metric(r#"hangwatch_incidents_total{node="node-a",runtime="docker"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric(r#"hangwatch_incident_open{node="node-a",runtime="docker"}"#),
+        Some(1.0)
+    );
+
+    // Still wedged on the next ticks: no second dump.
+    d.evaluate(15.35);
+    d.evaluate(15.6);
+    assert!(
+        !d.done.taken().contains(&Done::Dump(Runtime::Docker)),
+        "a dump is asked for on entering the state, not on every tick"
+    );
+
+    // The call answers at 40 s: healthy again, the incident closes and is saved closed.
+    d.finish(Operation::ListContainers, stuck, 5.0, 40.0, Ok(()));
+    d.evaluate(40.25);
+    assert_eq!(
+        d.docker_state(),
+        RuntimeState::Slow,
+        "its last answer took 35 s"
+    );
+    d.healthy_round(45.0);
+    d.evaluate(45.25);
+    assert_eq!(d.docker_state(), RuntimeState::Healthy);
+    let incidents = d.incidents();
+    assert!(!incidents[0].is_open(), "recovery closes the incident");
+    assert!(d.done.taken().contains(&Done::Saved {
+        id: incidents[0].id.clone(),
+        open: false
+    }));
+    assert_eq!(
+        d.metric(r#"hangwatch_incident_open{node="node-a",runtime="docker"}"#),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_second_stall_within_the_cooldown_is_not_signalled_but_counted() {
+    let mut d = Driven::new(docker_only());
+    for round in 0..2 {
+        let base = f64::from(round) * 100.0;
+        d.healthy_round(base);
+        d.evaluate(base + 0.25);
+        let ping = d.start(Operation::Ping, base + 1.0);
+        d.evaluate(base + 12.0);
+        assert_eq!(d.docker_state(), RuntimeState::Hung, "round {round}");
+        d.finish(Operation::Ping, ping, base + 1.0, base + 13.0, Ok(()));
+        d.evaluate(base + 13.25);
+    }
+    let dumps: Vec<Done> = d
+        .done
+        .taken()
+        .into_iter()
+        .filter(|x| matches!(x, Done::Dump(_)))
+        .collect();
+    assert_eq!(
+        dumps,
+        vec![Done::Dump(Runtime::Docker)],
+        "cooldown of 10 min"
+    );
+    assert_eq!(
+        d.metric(
+            r#"hangwatch_goroutine_dumps_total{node="node-a",daemon="dockerd",result="cooldown"}"#
+        ),
+        Some(1.0)
+    );
+    let incidents = d.incidents();
+    assert_eq!(incidents.len(), 2);
+    assert!(
+        incidents[0]
+            .dumps
+            .iter()
+            .any(|dump| dump.status == DumpStatus::Skipped),
+        "the second incident says why no dump was taken: {:?}",
+        incidents[0].dumps
+    );
+}
+
+#[test]
+fn a_refused_socket_is_down_and_a_missing_one_absent() {
+    let mut d = Driven::new(docker_only());
+    let id = d.start(Operation::Ping, 0.0);
+    d.finish(
+        Operation::Ping,
+        id,
+        0.0,
+        0.001,
+        Err(ProbeFailure::Unreachable(Unreachable::SocketMissing)),
+    );
+    d.evaluate(0.25);
+    assert_eq!(d.docker_state(), RuntimeState::Absent);
+    d.healthy_round(1.0);
+    d.evaluate(1.25);
+    assert_eq!(d.docker_state(), RuntimeState::Healthy);
+    let id = d.start(Operation::Ping, 2.0);
+    d.finish(
+        Operation::Ping,
+        id,
+        2.0,
+        2.001,
+        Err(ProbeFailure::Unreachable(Unreachable::Refused)),
+    );
+    d.evaluate(2.25);
+    assert_eq!(
+        d.docker_state(),
+        RuntimeState::Down,
+        "once seen, a runtime that refuses is down, not absent"
+    );
+    assert!(d.incidents().is_empty(), "down is not a stall");
+}
+
+#[test]
+fn a_signal_for_no_registered_source_is_dropped() {
+    let mut d = Driven::new(docker_only());
+    d.engine
+        .apply(Signal::source("no-such-source", 42_u32), d.clock.at(0.0));
+    d.evaluate(0.25);
+    assert_eq!(d.docker_state(), RuntimeState::Pending);
+}

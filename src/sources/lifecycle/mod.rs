@@ -1,0 +1,88 @@
+//! The container-stop source: Docker's event stream followed for kills and exits, each stop
+//! timed, escalations to SIGKILL counted, stops with no exit by their deadline declared stuck
+//! with the tasks in D or frozen that hold them.
+
+pub mod detect;
+mod metrics;
+pub mod state;
+pub mod stops;
+
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+
+use crate::config::{Config, RuntimeMode};
+use crate::sources::{CheckFindings, CheckRun, Detector, Now, Source, SourceState};
+use detect::LifecycleSignal;
+use metrics::LifecycleMetrics;
+
+pub use detect::CHECK_LOOKBACK;
+pub use state::{StopsSection, StopsView};
+
+/// The address of the event stream follower's signals.
+pub const NAME: &str = "lifecycle";
+
+pub struct LifecycleSource;
+
+impl Source for LifecycleSource {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn state(
+        &self,
+        config: &Arc<Config>,
+        registry: &mut Registry,
+        _now: Now,
+    ) -> Option<Box<dyn SourceState>> {
+        let metrics = LifecycleMetrics::register(registry);
+        let docker_enabled = config.docker.mode != RuntimeMode::Disabled;
+        let state = state::LifecycleState::new(&config.lifecycle, docker_enabled);
+        Some(Box::new(state::LifecycleSlice::new(state, metrics)))
+    }
+
+    fn detectors(&self, config: &Arc<Config>) -> Vec<Box<dyn Detector>> {
+        detect::detector(config).into_iter().collect()
+    }
+
+    /// The events dockerd still buffers from the last [`CHECK_LOOKBACK`], with the probe's
+    /// stall threshold as deadline; a failure shows in the stops section.
+    fn check(&self, config: &Arc<Config>) -> Option<CheckRun> {
+        if !config.lifecycle.enabled || config.docker.mode == RuntimeMode::Disabled {
+            return None;
+        }
+        let socket = config.docker.socket.clone();
+        let deadline = config.probes.stall_threshold + crate::sources::runtime::CHECK_STALL_MARGIN;
+        Some(Box::pin(async move {
+            let read = tokio::spawn(detect::check(socket, deadline))
+                .await
+                .unwrap_or_else(|e| Err(format!("reading events failed: {e}")));
+            let mut found = CheckFindings::default();
+            match read {
+                Ok(events) => {
+                    found
+                        .signals
+                        .push(LifecycleSignal::StreamUp { reconnected: false }.into());
+                    for event in events.events {
+                        found
+                            .signals
+                            .push(LifecycleSignal::Event(Box::new(event)).into());
+                    }
+                    for reason in events.malformed {
+                        found
+                            .signals
+                            .push(LifecycleSignal::Malformed { reason }.into());
+                    }
+                }
+                Err(error) => found.signals.push(
+                    LifecycleSignal::StreamDown {
+                        error,
+                        retry_in: std::time::Duration::ZERO,
+                    }
+                    .into(),
+                ),
+            }
+            found
+        }))
+    }
+}

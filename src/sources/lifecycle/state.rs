@@ -1,0 +1,928 @@
+//! The container-stop source's engine-side state: the stop book, metrics (a per-container
+//! series only while a stop is stuck, at most `lifecycle.max_stuck_series`), what /proc shows
+//! holding a stuck stop, evidence for incidents, and whether the event stream can be trusted.
+//!
+//! Stuck-ness is decided on the evaluation tick from event times, never from the arrival of
+//! an event: a stop whose `die` does not come is stuck at its deadline however silent the
+//! stream is. And silence is not "no stops": when the stream is down or dockerd is stalled
+//! (its events are held back with it), `/stops` says the stream is not healthy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::metrics::LifecycleMetrics;
+use crate::config::LifecycleConfig;
+use crate::containers::ContainerInfo;
+use crate::domain::Runtime;
+use crate::engine::incidents::Evidence;
+use crate::metrics::ContainerLabels;
+use crate::signal::Payload;
+use crate::sources::lifecycle::detect::{ContainerEvent, LifecycleSignal};
+use crate::sources::lifecycle::stops::{
+    Applied, Ending, HeldBy, HeldTask, SIGKILL, StopBook, StopInProgress, StopRecord, StopSettings,
+};
+use crate::sources::procscan::state::ProcScanView;
+use crate::sources::runtime::verdict::RuntimeState;
+use crate::sources::{Context, Now, Publish, Section, SourceState, json_of};
+
+/// Stops listed by `check`.
+const CHECK_RECENT_STOPS: usize = 10;
+
+/// Tasks named per stuck stop at most (the count of frozen ones is always complete).
+const MAX_HELD_TASKS: usize = 16;
+
+/// The event stream, as `/stops` and `check` show it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamStatus {
+    pub connected: bool,
+    /// The stream is open and dockerd answers: silence means no container is stopping. When
+    /// false, stops may be going on that hangwatch does not see yet (stops it saw begin are
+    /// still timed, and declared stuck at their deadline).
+    pub healthy: bool,
+    pub reason: String,
+    /// Times it was opened again after breaking.
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    /// While down: when the next attempt is made.
+    pub retry_in_seconds: Option<f64>,
+    /// Events applied, and lines skipped as not usable.
+    pub events: u64,
+    pub malformed: u64,
+    pub last_malformed: Option<String>,
+}
+
+/// What `/stops` serves.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StopsView {
+    pub enabled: bool,
+    pub events_stream: StreamStatus,
+    pub stop_timeout_seconds: f64,
+    pub grace_seconds: f64,
+    /// Oldest first.
+    pub in_progress: Vec<StopInProgress>,
+    /// Newest first. Shared: rebuilt only when a stop ends.
+    pub recent: Arc<Vec<StopRecord>>,
+}
+
+/// What incidents must hear about a stuck stop.
+#[derive(Debug)]
+pub enum StopIncident {
+    Stuck {
+        container_id: String,
+        evidence: Evidence,
+    },
+    /// What holds it changed.
+    Updated(Evidence),
+    Ended {
+        container_id: String,
+        evidence: Evidence,
+    },
+}
+
+#[derive(Debug)]
+pub struct LifecycleState {
+    enabled: bool,
+    book: StopBook,
+    max_series: usize,
+    /// Per-container series currently exported.
+    series: BTreeSet<ContainerLabels>,
+    stream: StreamStatus,
+    /// What incidents were last told holds each stuck stop.
+    reported: BTreeMap<String, HeldBy>,
+    recent: Arc<Vec<StopRecord>>,
+    /// Something `/stops` shows changed since [`changed_view`](Self::changed_view).
+    pub changed: bool,
+}
+
+impl LifecycleState {
+    /// `docker_enabled`: whether Docker is probed at all (stops come from its events).
+    pub fn new(config: &LifecycleConfig, docker_enabled: bool) -> LifecycleState {
+        LifecycleState {
+            enabled: config.enabled && docker_enabled,
+            book: StopBook::new(
+                StopSettings {
+                    stop_timeout: config.stop_timeout,
+                    grace: config.stop_grace,
+                },
+                config.recent_stops,
+            ),
+            max_series: config.max_stuck_series,
+            series: BTreeSet::new(),
+            stream: StreamStatus {
+                reason: "not opened yet".into(),
+                ..StreamStatus::default()
+            },
+            reported: BTreeMap::new(),
+            recent: Arc::default(),
+            changed: true,
+        }
+    }
+
+    pub fn stream_up(&mut self, reconnected: bool, metrics: &LifecycleMetrics) {
+        self.changed = true;
+        metrics.lifecycle_events_stream_up.set(1);
+        if reconnected {
+            metrics.lifecycle_events_stream_reconnects_total.inc();
+            self.stream.reconnects += 1;
+            tracing::info!("docker event stream open again");
+        }
+        self.stream.connected = true;
+        self.stream.retry_in_seconds = None;
+    }
+
+    pub fn stream_down(&mut self, error: String, retry_in: Duration, metrics: &LifecycleMetrics) {
+        self.changed = true;
+        metrics.lifecycle_events_stream_up.set(0);
+        if self.stream.connected {
+            tracing::warn!(%error, "docker event stream lost; reconnecting");
+        }
+        self.stream.connected = false;
+        self.stream.last_error = Some(error);
+        self.stream.retry_in_seconds = Some(retry_in.as_secs_f64());
+    }
+
+    pub fn malformed(&mut self, reason: String, metrics: &LifecycleMetrics) {
+        self.changed = true;
+        metrics.lifecycle_events_malformed_total.inc();
+        self.stream.malformed += 1;
+        self.stream.last_malformed = Some(reason);
+    }
+
+    /// Apply one event; a stuck stop that ended is returned for incidents.
+    pub fn apply(
+        &mut self,
+        event: &ContainerEvent,
+        metrics: &LifecycleMetrics,
+    ) -> Option<StopIncident> {
+        self.changed = true;
+        metrics.lifecycle_events_total.inc();
+        self.stream.events += 1;
+        match self.book.apply(event) {
+            Applied::Ignored | Applied::Started | Applied::Signalled => None,
+            Applied::Escalated => {
+                metrics.container_stop_escalations_total.inc();
+                tracing::info!(
+                    container = %label(&event.container),
+                    image = event.container.image.as_deref().unwrap_or("?"),
+                    "container ignored its stop signal: SIGKILL sent"
+                );
+                None
+            }
+            Applied::Completed(record) => self.completed(*record, metrics),
+        }
+    }
+
+    fn completed(
+        &mut self,
+        record: StopRecord,
+        metrics: &LifecycleMetrics,
+    ) -> Option<StopIncident> {
+        self.recent = Arc::new(self.book.recent().cloned().collect());
+        if record.ended_by == Ending::Died {
+            metrics
+                .container_stop_duration_seconds
+                .observe(record.duration_seconds);
+        }
+        let container = label(&record.container);
+        tracing::debug!(
+            %container,
+            seconds = record.duration_seconds,
+            escalated = record.escalated,
+            "container stopped"
+        );
+        let id = record.container.id.clone();
+        self.reported.remove(&id);
+        if !record.was_stuck {
+            return None;
+        }
+        tracing::warn!(
+            %container,
+            seconds = record.duration_seconds,
+            ended_by = ?record.ended_by,
+            "a stuck container stop ended"
+        );
+        let held_by = record.held_by.clone().unwrap_or_default();
+        let evidence = Evidence::StuckStop {
+            at: record.ended_at,
+            container_id: id.clone(),
+            container: record.container.name.clone(),
+            image: record.container.image.clone(),
+            seconds: record.duration_seconds,
+            escalated: record.escalated,
+            ended: true,
+            held_by,
+        };
+        Some(StopIncident::Ended {
+            container_id: id,
+            evidence,
+        })
+    }
+
+    /// Age the stops at `now`, correlate stuck ones with the latest /proc scan, update the
+    /// metrics and the stream's health. Returns what incidents must hear.
+    pub fn evaluate(
+        &mut self,
+        now: SystemTime,
+        metrics: &LifecycleMetrics,
+        docker: Option<RuntimeState>,
+        scan: Option<&ProcScanView>,
+    ) -> Vec<StopIncident> {
+        self.judge_stream(docker);
+        let newly_stuck = self.book.evaluate(now);
+        // Stops in progress age with every tick.
+        self.changed |= !self.book.in_progress().is_empty();
+        let mut told = Vec::new();
+        let stuck_ids: Vec<String> = self
+            .book
+            .in_progress()
+            .into_iter()
+            .filter(|s| s.stuck)
+            .map(|s| s.container.id.clone())
+            .collect();
+        for id in &stuck_ids {
+            let Some(stop) = self.book.get_mut(id) else {
+                continue;
+            };
+            let held_by = scan.map(|view| held_by(id, view)).unwrap_or_default();
+            stop.held_by = Some(held_by.clone());
+            let evidence = Evidence::StuckStop {
+                at: now,
+                container_id: id.clone(),
+                container: stop.container.name.clone(),
+                image: stop.container.image.clone(),
+                seconds: stop.seconds,
+                escalated: stop.escalated,
+                ended: false,
+                held_by: held_by.clone(),
+            };
+            if newly_stuck.contains(id) {
+                tracing::warn!(
+                    container = %label(&stop.container),
+                    image = stop.container.image.as_deref().unwrap_or("?"),
+                    seconds = stop.seconds,
+                    escalated = stop.escalated,
+                    stuck_tasks = held_by.stuck_tasks.len(),
+                    frozen_tasks = held_by.frozen_tasks,
+                    "container stop stuck: no exit by its deadline"
+                );
+                told.push(StopIncident::Stuck {
+                    container_id: id.clone(),
+                    evidence,
+                });
+            } else if self
+                .reported
+                .get(id)
+                .is_none_or(|before| !same_holders(before, &held_by))
+            {
+                told.push(StopIncident::Updated(evidence));
+            }
+            self.reported.insert(id.clone(), held_by);
+        }
+        self.update_metrics(metrics);
+        told
+    }
+
+    fn judge_stream(&mut self, docker: Option<RuntimeState>) {
+        let stream = &mut self.stream;
+        let (healthy, reason) = match docker {
+            Some(RuntimeState::Absent) => (true, "docker is not installed: no stops to see".into()),
+            _ if !stream.connected => (
+                false,
+                match &stream.last_error {
+                    Some(error) => format!("event stream down: {error}"),
+                    None => "event stream not opened yet".into(),
+                },
+            ),
+            Some(state) if state.is_stalled() => (
+                false,
+                format!(
+                    "docker is {}: its events are held back with it; stops may be going on unseen",
+                    state.as_str()
+                ),
+            ),
+            Some(state) if !state.is_up() => (false, format!("docker is {}", state.as_str())),
+            _ => (true, "open; docker answers".into()),
+        };
+        if stream.healthy != healthy || stream.reason != reason {
+            stream.healthy = healthy;
+            stream.reason = reason;
+            self.changed = true;
+        }
+    }
+
+    fn update_metrics(&mut self, metrics: &LifecycleMetrics) {
+        let in_progress = self.book.in_progress();
+        let stuck: Vec<&StopInProgress> = in_progress.iter().copied().filter(|s| s.stuck).collect();
+        metrics
+            .container_stops_in_progress
+            .set(gauge(in_progress.len()));
+        metrics.stuck_container_stops.set(gauge(stuck.len()));
+        let mut current = BTreeSet::new();
+        // Oldest first: with more stuck stops than series allowed, the longest stuck are kept.
+        for stop in stuck.iter().take(self.max_series) {
+            let c = &stop.container;
+            let labels = ContainerLabels {
+                container_id: c.id.clone(),
+                container_name: c.name.clone().unwrap_or_default(),
+                pod: c.pod.clone().unwrap_or_default(),
+                namespace: c.namespace.clone().unwrap_or_default(),
+            };
+            metrics
+                .stuck_container_stop_seconds
+                .get_or_create(&labels)
+                .set(stop.seconds);
+            current.insert(labels);
+        }
+        for gone in self.series.difference(&current) {
+            metrics.stuck_container_stop_seconds.remove(gone);
+        }
+        self.series = current;
+    }
+
+    /// The view, when it changed since the last call.
+    pub fn changed_view(&mut self) -> Option<StopsView> {
+        std::mem::take(&mut self.changed).then(|| self.view())
+    }
+
+    pub fn view(&self) -> StopsView {
+        let settings = self.book.settings();
+        StopsView {
+            enabled: self.enabled,
+            events_stream: self.stream.clone(),
+            stop_timeout_seconds: settings.stop_timeout.as_secs_f64(),
+            grace_seconds: settings.grace.as_secs_f64(),
+            in_progress: self.book.in_progress().into_iter().cloned().collect(),
+            recent: self.recent.clone(),
+        }
+    }
+}
+
+/// The container-stop source's part of the engine.
+pub struct LifecycleSlice {
+    state: LifecycleState,
+    metrics: LifecycleMetrics,
+}
+
+impl LifecycleSlice {
+    pub fn new(state: LifecycleState, metrics: LifecycleMetrics) -> LifecycleSlice {
+        LifecycleSlice { state, metrics }
+    }
+
+    fn tell_incidents(told: Vec<StopIncident>, cx: &mut Context) {
+        for item in told {
+            let changes = match item {
+                StopIncident::Stuck {
+                    container_id,
+                    evidence,
+                } => cx
+                    .incidents
+                    .stop_stuck(Runtime::Docker, &container_id, evidence, cx.now.wall),
+                StopIncident::Updated(evidence) => cx.incidents.add_evidence(evidence),
+                StopIncident::Ended {
+                    container_id,
+                    evidence,
+                } => cx.incidents.stop_ended(&container_id, evidence),
+            };
+            cx.incident_changes(changes);
+        }
+    }
+}
+
+impl SourceState for LifecycleSlice {
+    fn apply(&mut self, payload: Payload, cx: &mut Context) {
+        let signal = match payload.downcast::<LifecycleSignal>() {
+            Ok(signal) => signal,
+            Err(_) => {
+                tracing::error!("lifecycle source: a payload of another type; dropped");
+                return;
+            }
+        };
+        match signal {
+            LifecycleSignal::Event(event) => {
+                cx.containers.saw([event.container.clone()], cx.now.mono);
+                if let Some(ended) = self.state.apply(&event, &self.metrics) {
+                    Self::tell_incidents(vec![ended], cx);
+                }
+            }
+            LifecycleSignal::StreamUp { reconnected } => {
+                self.state.stream_up(reconnected, &self.metrics);
+            }
+            LifecycleSignal::StreamDown { error, retry_in } => {
+                self.state.stream_down(error, retry_in, &self.metrics);
+            }
+            LifecycleSignal::Malformed { reason } => {
+                self.state.malformed(reason, &self.metrics);
+            }
+        }
+    }
+
+    /// Age the stops, correlate stuck ones with /proc, tell incidents.
+    fn evaluate(&mut self, cx: &mut Context) {
+        let docker = cx.board.state_of(Runtime::Docker);
+        let scan = cx.board.proc_scan.clone();
+        let told = self
+            .state
+            .evaluate(cx.now.wall, &self.metrics, docker, scan.as_deref());
+        Self::tell_incidents(told, cx);
+        if self.state.changed {
+            cx.publish(Publish::Soon);
+        }
+    }
+
+    fn section(&mut self, _now: Now) -> Option<Arc<dyn Section>> {
+        self.state
+            .changed_view()
+            .map(|view| Arc::new(StopsSection(Arc::new(view))) as Arc<dyn Section>)
+    }
+}
+
+/// Container stops: at `/stops` and at the top of `check`'s JSON, not in `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct StopsSection(pub Arc<StopsView>);
+
+impl Section for StopsSection {
+    fn key(&self) -> &'static str {
+        "stops"
+    }
+
+    fn in_status(&self) -> bool {
+        false
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json_of(self.0.as_ref())
+    }
+
+    fn endpoint(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("/stops", self.to_json()))
+    }
+
+    /// Stuck container stops.
+    fn problems(&self, _now: SystemTime) -> Vec<String> {
+        self.0
+            .in_progress
+            .iter()
+            .filter(|s| s.stuck)
+            .map(|s| {
+                let name = s.container.name.as_deref().unwrap_or(&s.container.id);
+                let image = s.container.image.as_deref().unwrap_or("?");
+                let sigkill = if s.signals.contains(&SIGKILL) {
+                    ", SIGKILL sent"
+                } else {
+                    ""
+                };
+                let held = s
+                    .held_by
+                    .as_ref()
+                    .and_then(HeldBy::describe)
+                    .map(|h| format!(": held by {h}"))
+                    .unwrap_or_default();
+                format!(
+                    "stop of container {name} (image {image}) stuck for {:.0}s{sigkill}{held}",
+                    s.seconds
+                )
+            })
+            .collect()
+    }
+
+    /// Stops in progress and recent ones, and the images that ignored their stop signal.
+    fn render_check(&self, out: &mut String, _now: SystemTime) {
+        let stops = &self.0;
+        if !stops.enabled {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nContainer stops (last {} min)",
+            super::CHECK_LOOKBACK.as_secs() / 60
+        );
+        let stream = &stops.events_stream;
+        if !stream.healthy {
+            let _ = writeln!(out, "  events not trustworthy: {}", stream.reason);
+        }
+        for stop in &stops.in_progress {
+            let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
+            let state = if stop.stuck { "STUCK" } else { "stopping" };
+            let _ = writeln!(
+                out,
+                "  {state:<9} {:>6.1}s  {name:<24} {}  signals {:?}",
+                stop.seconds,
+                stop.container.image.as_deref().unwrap_or("?"),
+                stop.signals
+            );
+        }
+        if stops.recent.is_empty() && stops.in_progress.is_empty() {
+            let _ = writeln!(out, "  none");
+        }
+        for stop in stops.recent.iter().take(CHECK_RECENT_STOPS) {
+            let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
+            let how = if stop.escalated {
+                "SIGKILL (ignored its stop signal)"
+            } else {
+                "exited on its stop signal"
+            };
+            let _ = writeln!(
+                out,
+                "  stopped   {:>6.1}s  {name:<24} {}  {how}",
+                stop.duration_seconds,
+                stop.container.image.as_deref().unwrap_or("?")
+            );
+        }
+        let mut ignoring: Vec<(&str, usize)> = Vec::new();
+        for stop in stops.recent.iter().filter(|s| s.escalated) {
+            let image = stop.container.image.as_deref().unwrap_or("?");
+            match ignoring.iter_mut().find(|(i, _)| *i == image) {
+                Some((_, n)) => *n += 1,
+                None => ignoring.push((image, 1)),
+            }
+        }
+        if !ignoring.is_empty() {
+            let list: Vec<String> = ignoring
+                .iter()
+                .map(|(image, n)| format!("{image} ({n})"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  images whose containers ignored their stop signal: {}",
+                list.join(", ")
+            );
+        }
+    }
+}
+
+/// The container's stuck and frozen tasks in the scan.
+fn held_by(id: &str, view: &ProcScanView) -> HeldBy {
+    let report = &view.report;
+    let ours = |owner: &crate::attribution::CgroupOwner| owner.container_id.as_deref() == Some(id);
+    HeldBy {
+        stuck_tasks: report
+            .stuck_tasks
+            .iter()
+            .filter(|t| ours(&t.owner))
+            .take(MAX_HELD_TASKS)
+            .map(|t| HeldTask {
+                pid: t.pid,
+                tid: t.tid,
+                comm: t.comm.clone(),
+                wchan: t.wchan.clone(),
+                seconds_in_d: t.seconds_in_d,
+            })
+            .collect(),
+        frozen_tasks: report
+            .frozen
+            .by_container
+            .iter()
+            .filter(|c| ours(&c.owner))
+            .map(|c| c.tasks)
+            .sum(),
+    }
+}
+
+/// The same tasks in the same places: only their time in D grew.
+fn same_holders(a: &HeldBy, b: &HeldBy) -> bool {
+    let key = |t: &HeldTask| (t.pid, t.tid, t.wchan.clone());
+    a.frozen_tasks == b.frozen_tasks
+        && a.stuck_tasks.len() == b.stuck_tasks.len()
+        && a.stuck_tasks
+            .iter()
+            .map(key)
+            .eq(b.stuck_tasks.iter().map(key))
+}
+
+/// The container's name, or its short id.
+fn label(container: &ContainerInfo) -> String {
+    container
+        .name
+        .clone()
+        .unwrap_or_else(|| container.id.chars().take(12).collect())
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::CgroupOwner;
+    use prometheus_client::registry::Registry;
+
+    /// The source's families in a registry of their own, to read back.
+    struct Metrics {
+        registry: Registry,
+        families: LifecycleMetrics,
+    }
+
+    impl Metrics {
+        fn new(_node: Option<&str>) -> Metrics {
+            let mut registry = Registry::default();
+            let families = LifecycleMetrics::register(&mut registry);
+            Metrics { registry, families }
+        }
+
+        fn encode(&self) -> String {
+            crate::metrics::encode_registry(&self.registry)
+        }
+    }
+
+    impl std::ops::Deref for Metrics {
+        type Target = LifecycleMetrics;
+        fn deref(&self) -> &LifecycleMetrics {
+            &self.families
+        }
+    }
+    use crate::sources::lifecycle::stops::tests::{die, kill, wall};
+    use crate::sources::procscan::detect::{
+        FrozenContainer, FrozenTasks, ScanErrors, ScanReport, Scope, ScopeCounts, StuckTask,
+    };
+
+    fn state(max_stuck_series: usize) -> LifecycleState {
+        LifecycleState::new(
+            &LifecycleConfig {
+                enabled: true,
+                stop_timeout: Duration::from_secs(10),
+                stop_grace: Duration::from_secs(2),
+                recent_stops: 10,
+                max_stuck_series,
+            },
+            true,
+        )
+    }
+
+    fn owner(id: &str) -> CgroupOwner {
+        CgroupOwner {
+            container_id: Some(id.into()),
+            ..CgroupOwner::default()
+        }
+    }
+
+    /// A scan in which container `id` has one task in D and two frozen ones.
+    fn scan(id: &str, wchan: &str) -> ProcScanView {
+        ProcScanView {
+            report: ScanReport {
+                finished_at: wall(0),
+                duration_seconds: 0.01,
+                walk_seconds: 0.01,
+                tasks_scanned: 10,
+                processes_scanned: 5,
+                dstate: ScopeCounts::default(),
+                dstate_not_stuck: 0,
+                stuck_tasks: vec![StuckTask {
+                    pid: 40,
+                    tid: 41,
+                    comm: "worker".into(),
+                    state: 'D',
+                    wchan: Some(wchan.into()),
+                    kernel_stack: None,
+                    seconds_in_d: 35.0,
+                    scope: Scope::Container,
+                    owner: owner(id),
+                }],
+                containers: Vec::new(),
+                frozen: FrozenTasks {
+                    tasks: 2,
+                    by_container: vec![FrozenContainer {
+                        owner: owner(id),
+                        tasks: 2,
+                    }],
+                },
+                runtime_processes: Vec::new(),
+                errors: ScanErrors::default(),
+            },
+            containers: BTreeMap::new(),
+            stuck_after: Duration::from_secs(30),
+        }
+    }
+
+    fn stuck_series(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("hangwatch_stuck_container_stop_seconds{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn an_escalated_stop_is_counted_and_timed() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.apply(&kill("a", 0, 15), &metrics);
+        s.apply(&kill("a", 1000, 9), &metrics);
+        assert!(s.apply(&die("a", 1100), &metrics).is_none(), "never stuck");
+        let text = metrics.encode();
+        assert!(
+            text.contains("hangwatch_container_stop_escalations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hangwatch_container_stop_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hangwatch_container_stop_duration_seconds_bucket{le=\"2.5\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hangwatch_lifecycle_events_total 3"),
+            "{text}"
+        );
+        assert_eq!(s.view().recent.len(), 1);
+    }
+
+    #[test]
+    fn a_stuck_stop_is_told_once_with_what_holds_it_and_its_end_clears_the_series() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        let seen = scan("a", "io_schedule");
+        s.apply(&kill("a", 0, 15), &metrics);
+        s.apply(&kill("a", 1_000, 9), &metrics);
+        assert!(
+            s.evaluate(wall(2_999), &metrics, None, Some(&seen))
+                .is_empty()
+        );
+        let told = s.evaluate(wall(3_000), &metrics, None, Some(&seen));
+        let [
+            StopIncident::Stuck {
+                container_id,
+                evidence,
+            },
+        ] = told.as_slice()
+        else {
+            panic!("expected one stuck stop: {told:?}");
+        };
+        assert_eq!(container_id, "a");
+        let Evidence::StuckStop {
+            held_by,
+            escalated,
+            ended,
+            ..
+        } = evidence
+        else {
+            panic!("{evidence:?}");
+        };
+        assert!(*escalated && !*ended);
+        assert_eq!(held_by.frozen_tasks, 2);
+        assert_eq!(held_by.stuck_tasks[0].wchan.as_deref(), Some("io_schedule"));
+        let series = stuck_series(&metrics);
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(
+            series[0].contains("container_id=\"a\",container_name=\"a-name\""),
+            "{series:?}"
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_stuck_container_stops 1")
+        );
+
+        assert!(
+            s.evaluate(wall(5_000), &metrics, None, Some(&seen))
+                .is_empty(),
+            "same holders: nothing new to tell"
+        );
+        let moved = scan("a", "nfs_wait");
+        assert!(matches!(
+            s.evaluate(wall(6_000), &metrics, None, Some(&moved))
+                .as_slice(),
+            [StopIncident::Updated(_)]
+        ));
+
+        let ended = s.apply(&die("a", 60_000), &metrics);
+        let Some(StopIncident::Ended {
+            evidence:
+                Evidence::StuckStop {
+                    ended: true,
+                    seconds,
+                    ..
+                },
+            ..
+        }) = ended
+        else {
+            panic!("expected the end of a stuck stop: {ended:?}");
+        };
+        assert_eq!(seconds, 60.0);
+        s.evaluate(wall(60_001), &metrics, None, None);
+        assert!(stuck_series(&metrics).is_empty());
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_stuck_container_stops 0")
+        );
+        let view = s.view();
+        assert!(view.in_progress.is_empty());
+        assert!(view.recent[0].was_stuck);
+        assert_eq!(
+            view.recent[0].held_by.as_ref().map(|h| h.frozen_tasks),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn a_change_of_trust_is_published_even_with_no_stop_going_on() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.stream_up(false, &metrics);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(s.changed_view().is_some_and(|v| v.events_stream.healthy));
+        s.evaluate(wall(1), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(s.changed_view().is_none(), "nothing changed");
+        s.evaluate(wall(2), &metrics, Some(RuntimeState::Wedged), None);
+        let view = s.changed_view().expect("docker wedged: republished");
+        assert!(!view.events_stream.healthy);
+        s.apply(&kill("a", 0, 15), &metrics);
+        assert!(s.changed_view().is_some());
+        s.evaluate(wall(3), &metrics, Some(RuntimeState::Wedged), None);
+        assert!(
+            s.changed_view()
+                .is_some_and(|v| v.in_progress[0].seconds == 0.003),
+            "a stop in progress ages"
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_counted_with_the_last_reason() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.malformed("unexpected action \"teleport\"".into(), &metrics);
+        let stream = s.view().events_stream;
+        assert_eq!(stream.malformed, 1);
+        assert_eq!(
+            stream.last_malformed.as_deref(),
+            Some("unexpected action \"teleport\"")
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_lifecycle_events_malformed_total 1")
+        );
+    }
+
+    #[test]
+    fn per_container_series_are_bounded_oldest_kept() {
+        let metrics = Metrics::new(None);
+        let mut s = state(2);
+        for (n, id) in ["a", "b", "c"].iter().enumerate() {
+            s.apply(&kill(id, n as i64 * 100, 9), &metrics);
+        }
+        s.evaluate(wall(10_000), &metrics, None, None);
+        let series = stuck_series(&metrics);
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert!(
+            series.iter().all(|l| !l.contains("container_id=\"c\"")),
+            "{series:?}"
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_stuck_container_stops 3")
+        );
+    }
+
+    #[test]
+    fn silence_is_only_trusted_while_the_stream_is_open_and_docker_answers() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(!s.view().events_stream.healthy, "never opened");
+        s.stream_up(false, &metrics);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        assert!(s.view().events_stream.healthy);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Hung), None);
+        let stream = s.view().events_stream;
+        assert!(!stream.healthy);
+        assert!(
+            stream.reason.contains("docker is hung"),
+            "{}",
+            stream.reason
+        );
+        s.stream_down(
+            "the daemon closed the event stream".into(),
+            Duration::from_secs(1),
+            &metrics,
+        );
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        let stream = s.view().events_stream;
+        assert!(
+            stream.reason.contains("closed the event stream"),
+            "{}",
+            stream.reason
+        );
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Absent), None);
+        assert!(
+            s.view().events_stream.healthy,
+            "no Docker, no stops: silence is the truth"
+        );
+        s.stream_up(true, &metrics);
+        assert_eq!(s.view().events_stream.reconnects, 1);
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_lifecycle_events_stream_reconnects_total 1")
+        );
+    }
+}

@@ -1,0 +1,515 @@
+//! Pure stop tracking: each container's stop from its events — the stop signal, SIGKILL when
+//! the container ignored it (seed 001: PID 1 of a shell-form entrypoint ignores SIGTERM), the
+//! `die` that ends it — and whether it is stuck: no `die` by its deadline (seeds 001 and 003:
+//! tasks in D take no signal, SIGKILL included).
+//!
+//! All times are the daemon's event times on the node's wall clock, so a stop whose events
+//! arrive late (a resumed stream) is timed from when it happened, and deadlines pass while the
+//! stream is silent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::containers::ContainerInfo;
+use crate::engine::serialize_time;
+use crate::sources::lifecycle::detect::{ContainerAction, ContainerEvent};
+
+pub const SIGKILL: i32 = 9;
+/// Signals that begin a stop: SIGKILL, SIGTERM, and the stop signals images set (SIGINT,
+/// SIGQUIT, SIGPWR, SIGRTMIN+3 for systemd). Others (SIGHUP, SIGUSR1, ...) go to running
+/// containers to reload or report, and are not stops.
+const STOP_SIGNALS: [i32; 6] = [2, 3, SIGKILL, 15, 30, 37];
+/// Signals kept per stop (a client retrying `docker stop` in a loop adds one per call).
+const MAX_SIGNALS: usize = 16;
+/// Stops in progress tracked at most; beyond, the oldest is dropped (its `die` was lost).
+const MAX_IN_PROGRESS: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSettings {
+    /// Assumed when the stop carries no timeout of its own.
+    pub stop_timeout: Duration,
+    /// Allowed past the timeout, and past a SIGKILL, before a stop is stuck.
+    pub grace: Duration,
+}
+
+/// What /proc showed holding a stuck stop: the container's tasks stuck in D (with the kernel
+/// function they sleep in) and its frozen tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldBy {
+    pub stuck_tasks: Vec<HeldTask>,
+    pub frozen_tasks: u64,
+}
+
+impl HeldBy {
+    /// "2 task(s) in D (io_schedule) and 1 frozen task(s)"; None when nothing was seen.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if !self.stuck_tasks.is_empty() {
+            let mut wchans: Vec<&str> = self
+                .stuck_tasks
+                .iter()
+                .filter_map(|t| t.wchan.as_deref())
+                .collect();
+            wchans.sort_unstable();
+            wchans.dedup();
+            let wchans = if wchans.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", wchans.join(", "))
+            };
+            parts.push(format!("{} task(s) in D{wchans}", self.stuck_tasks.len()));
+        }
+        if self.frozen_tasks > 0 {
+            parts.push(format!("{} frozen task(s)", self.frozen_tasks));
+        }
+        (!parts.is_empty()).then(|| parts.join(" and "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldTask {
+    pub pid: i32,
+    pub tid: i32,
+    pub comm: String,
+    pub wchan: Option<String>,
+    pub seconds_in_d: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StopInProgress {
+    pub container: ContainerInfo,
+    /// The first kill.
+    #[serde(serialize_with = "serialize_time")]
+    pub started_at: SystemTime,
+    /// Signals sent, in order.
+    pub signals: Vec<i32>,
+    /// SIGKILL followed another stop signal: the container ignored it.
+    pub escalated: bool,
+    #[serde(skip)]
+    sigkill_at: Option<SystemTime>,
+    /// The timeout assumed for this stop: kubelet's grace period, else `lifecycle.stop_timeout`.
+    #[serde(serialize_with = "serialize_seconds")]
+    pub stop_timeout: Duration,
+    /// Stuck from then on without a `die`.
+    #[serde(serialize_with = "serialize_time")]
+    pub deadline: SystemTime,
+    /// Since the first kill, as of the last evaluation.
+    pub seconds: f64,
+    pub stuck: bool,
+    /// For a stuck stop: its tasks in D or frozen, from the latest /proc scan.
+    pub held_by: Option<HeldBy>,
+}
+
+impl StopInProgress {
+    fn deadline(&self, grace: Duration) -> SystemTime {
+        match self.sigkill_at {
+            Some(killed) => killed + grace,
+            None => self.started_at + self.stop_timeout + grace,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// Its main process exited: `die`.
+    Died,
+    /// Removed without a `die` seen.
+    Removed,
+}
+
+/// A stop that finished.
+#[derive(Debug, Clone, Serialize)]
+pub struct StopRecord {
+    pub container: ContainerInfo,
+    #[serde(serialize_with = "serialize_time")]
+    pub started_at: SystemTime,
+    #[serde(serialize_with = "serialize_time")]
+    pub ended_at: SystemTime,
+    /// From the first kill to `die`.
+    pub duration_seconds: f64,
+    pub signals: Vec<i32>,
+    pub escalated: bool,
+    pub exit_code: Option<i32>,
+    pub ended_by: Ending,
+    pub was_stuck: bool,
+    /// What held it, as last seen while it was stuck.
+    pub held_by: Option<HeldBy>,
+}
+
+/// What an event did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Not part of a stop: a container exiting by itself, a reload signal, the `stop` event
+    /// that follows `die`.
+    Ignored,
+    Started,
+    /// SIGKILL after the stop signal.
+    Escalated,
+    /// One more signal to a stop in progress.
+    Signalled,
+    Completed(Box<StopRecord>),
+}
+
+#[derive(Debug)]
+pub struct StopBook {
+    settings: StopSettings,
+    in_progress: BTreeMap<String, StopInProgress>,
+    /// Oldest first.
+    recent: VecDeque<StopRecord>,
+    keep: usize,
+}
+
+impl StopBook {
+    pub fn new(settings: StopSettings, keep: usize) -> StopBook {
+        StopBook {
+            settings,
+            in_progress: BTreeMap::new(),
+            recent: VecDeque::new(),
+            keep: keep.max(1),
+        }
+    }
+
+    pub fn settings(&self) -> StopSettings {
+        self.settings
+    }
+
+    pub fn apply(&mut self, event: &ContainerEvent) -> Applied {
+        let at = event.at();
+        match event.action {
+            ContainerAction::Kill { signal } => self.kill(event, signal, at),
+            ContainerAction::Die { exit_code } => self.end(event.id(), at, exit_code, Ending::Died),
+            ContainerAction::Destroy => self.end(event.id(), at, None, Ending::Removed),
+            ContainerAction::Stop => Applied::Ignored,
+        }
+    }
+
+    fn kill(&mut self, event: &ContainerEvent, signal: i32, at: SystemTime) -> Applied {
+        let grace = self.settings.grace;
+        if let Some(stop) = self.in_progress.get_mut(event.id()) {
+            if stop.signals.len() < MAX_SIGNALS {
+                stop.signals.push(signal);
+            }
+            if signal != SIGKILL || stop.sigkill_at.is_some() {
+                return Applied::Signalled;
+            }
+            stop.sigkill_at = Some(at);
+            stop.deadline = stop.deadline(grace);
+            stop.escalated = stop.signals.first() != Some(&SIGKILL);
+            return if stop.escalated {
+                Applied::Escalated
+            } else {
+                Applied::Signalled
+            };
+        }
+        if !STOP_SIGNALS.contains(&signal) {
+            return Applied::Ignored;
+        }
+        if self.in_progress.len() >= MAX_IN_PROGRESS {
+            self.drop_oldest();
+        }
+        let mut stop = StopInProgress {
+            container: event.container.clone(),
+            started_at: at,
+            signals: vec![signal],
+            escalated: false,
+            sigkill_at: (signal == SIGKILL).then_some(at),
+            stop_timeout: event.stop_timeout.unwrap_or(self.settings.stop_timeout),
+            deadline: at,
+            seconds: 0.0,
+            stuck: false,
+            held_by: None,
+        };
+        stop.deadline = stop.deadline(grace);
+        self.in_progress.insert(event.id().to_string(), stop);
+        Applied::Started
+    }
+
+    fn drop_oldest(&mut self) {
+        let oldest = self
+            .in_progress
+            .iter()
+            .min_by_key(|(_, stop)| stop.started_at)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = oldest {
+            tracing::warn!(container_id = %id, "too many stops in progress: the oldest is no longer tracked");
+            self.in_progress.remove(&id);
+        }
+    }
+
+    fn end(
+        &mut self,
+        id: &str,
+        at: SystemTime,
+        exit_code: Option<i32>,
+        ended_by: Ending,
+    ) -> Applied {
+        let Some(stop) = self.in_progress.remove(id) else {
+            return Applied::Ignored;
+        };
+        let record = StopRecord {
+            duration_seconds: at
+                .duration_since(stop.started_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            container: stop.container,
+            started_at: stop.started_at,
+            ended_at: at,
+            signals: stop.signals,
+            escalated: stop.escalated,
+            exit_code,
+            ended_by,
+            was_stuck: stop.stuck,
+            held_by: stop.held_by,
+        };
+        self.recent.push_back(record.clone());
+        while self.recent.len() > self.keep {
+            self.recent.pop_front();
+        }
+        Applied::Completed(Box::new(record))
+    }
+
+    /// Age every stop at `now`; returns the ids of stops that became stuck.
+    pub fn evaluate(&mut self, now: SystemTime) -> Vec<String> {
+        let mut stuck = Vec::new();
+        for (id, stop) in &mut self.in_progress {
+            stop.seconds = now
+                .duration_since(stop.started_at)
+                .unwrap_or_default()
+                .as_secs_f64();
+            if !stop.stuck && now >= stop.deadline {
+                stop.stuck = true;
+                stuck.push(id.clone());
+            }
+        }
+        stuck
+    }
+
+    /// Oldest first.
+    pub fn in_progress(&self) -> Vec<&StopInProgress> {
+        let mut all: Vec<&StopInProgress> = self.in_progress.values().collect();
+        all.sort_by_key(|s| s.started_at);
+        all
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut StopInProgress> {
+        self.in_progress.get_mut(id)
+    }
+
+    /// Newest first.
+    pub fn recent(&self) -> impl Iterator<Item = &StopRecord> {
+        self.recent.iter().rev()
+    }
+}
+
+fn serialize_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const SECOND: i64 = 1_000_000_000;
+    /// A time on the daemon's clock, `ms` milliseconds after an arbitrary origin.
+    fn t(ms: i64) -> i64 {
+        1_800_000_000 * SECOND + ms * 1_000_000
+    }
+    pub(crate) fn wall(ms: i64) -> SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_nanos(t(ms).unsigned_abs())
+    }
+
+    pub(crate) fn event(id: &str, ms: i64, action: ContainerAction) -> ContainerEvent {
+        ContainerEvent {
+            time_nano: t(ms),
+            action,
+            container: ContainerInfo {
+                id: id.into(),
+                name: Some(format!("{id}-name")),
+                image: Some("shell-form:1".into()),
+                ..ContainerInfo::default()
+            },
+            stop_timeout: None,
+        }
+    }
+    pub(crate) fn kill(id: &str, ms: i64, signal: i32) -> ContainerEvent {
+        event(id, ms, ContainerAction::Kill { signal })
+    }
+    pub(crate) fn die(id: &str, ms: i64) -> ContainerEvent {
+        event(
+            id,
+            ms,
+            ContainerAction::Die {
+                exit_code: Some(137),
+            },
+        )
+    }
+
+    fn book() -> StopBook {
+        StopBook::new(
+            StopSettings {
+                stop_timeout: Duration::from_secs(10),
+                grace: Duration::from_secs(30),
+            },
+            3,
+        )
+    }
+
+    fn completed(applied: Applied) -> StopRecord {
+        match applied {
+            Applied::Completed(record) => *record,
+            other => panic!("expected a completed stop, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sigterm_ignored_then_sigkill_then_die_is_one_escalated_stop() {
+        let mut b = book();
+        assert!(matches!(b.apply(&kill("a", 0, 15)), Applied::Started));
+        assert!(matches!(b.apply(&kill("a", 1000, 9)), Applied::Escalated));
+        let record = completed(b.apply(&die("a", 1080)));
+        assert!(record.escalated);
+        assert_eq!(record.signals, [15, 9]);
+        assert!((record.duration_seconds - 1.08).abs() < 1e-9);
+        assert_eq!(record.exit_code, Some(137));
+        assert_eq!(record.ended_by, Ending::Died);
+        assert!(!record.was_stuck);
+        assert!(matches!(
+            b.apply(&event("a", 1100, ContainerAction::Stop)),
+            Applied::Ignored
+        ));
+        assert_eq!(b.recent().count(), 1);
+        assert!(b.in_progress().is_empty());
+    }
+
+    #[test]
+    fn a_handled_sigterm_does_not_escalate() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        let record = completed(b.apply(&die("a", 90)));
+        assert!(!record.escalated);
+        assert_eq!(record.signals, [15]);
+    }
+
+    #[test]
+    fn docker_kill_is_a_stop_but_not_an_escalation() {
+        let mut b = book();
+        assert!(matches!(b.apply(&kill("a", 0, 9)), Applied::Started));
+        assert!(!completed(b.apply(&die("a", 5))).escalated);
+    }
+
+    #[test]
+    fn reload_signals_and_exits_by_themselves_are_not_stops() {
+        let mut b = book();
+        assert!(matches!(b.apply(&kill("a", 0, 1)), Applied::Ignored));
+        assert!(matches!(b.apply(&die("a", 10)), Applied::Ignored));
+        assert!(matches!(
+            b.apply(&event("a", 20, ContainerAction::Destroy)),
+            Applied::Ignored
+        ));
+        assert_eq!(b.recent().count(), 0);
+    }
+
+    #[test]
+    fn stuck_after_timeout_plus_grace_without_sigkill() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        assert!(b.evaluate(wall(39_999)).is_empty());
+        assert_eq!(b.evaluate(wall(40_000)), ["a"]);
+        assert!(b.evaluate(wall(50_000)).is_empty(), "reported once");
+        let stop = b.in_progress()[0];
+        assert!(stop.stuck);
+        assert_eq!(stop.seconds, 50.0);
+        let record = completed(b.apply(&die("a", 60_000)));
+        assert!(record.was_stuck);
+        assert_eq!(record.duration_seconds, 60.0);
+    }
+
+    #[test]
+    fn after_sigkill_only_the_grace_is_allowed() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        b.apply(&kill("a", 1_000, 9));
+        assert!(b.evaluate(wall(30_999)).is_empty());
+        assert_eq!(b.evaluate(wall(31_000)), ["a"]);
+    }
+
+    #[test]
+    fn kubelet_grace_period_is_the_timeout() {
+        let mut b = book();
+        let mut e = kill("a", 0, 15);
+        e.stop_timeout = Some(Duration::from_secs(120));
+        b.apply(&e);
+        assert!(b.evaluate(wall(149_000)).is_empty());
+        assert_eq!(b.evaluate(wall(150_000)), ["a"]);
+    }
+
+    #[test]
+    fn silence_does_not_hide_a_stuck_stop() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        b.apply(&kill("a", 1_000, 9));
+        // No event at all for an hour: still in progress, and stuck.
+        assert_eq!(b.evaluate(wall(3_600_000)), ["a"]);
+        assert_eq!(b.in_progress().len(), 1);
+    }
+
+    #[test]
+    fn removal_ends_a_stop_without_a_die() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 9));
+        let record = completed(b.apply(&event("a", 500, ContainerAction::Destroy)));
+        assert_eq!(record.ended_by, Ending::Removed);
+        assert_eq!(record.exit_code, None);
+    }
+
+    #[test]
+    fn repeated_stops_keep_bounded_signals_and_recent_stops_are_capped() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        for ms in 1..100 {
+            b.apply(&kill("a", ms, 15));
+        }
+        assert_eq!(b.in_progress()[0].signals.len(), MAX_SIGNALS);
+        b.apply(&die("a", 200));
+        for id in ["b", "c", "d"] {
+            b.apply(&kill(id, 300, 15));
+            b.apply(&die(id, 400));
+        }
+        let ids: Vec<&str> = b.recent().map(|r| r.container.id.as_str()).collect();
+        assert_eq!(ids, ["d", "c", "b"], "newest first, the oldest evicted");
+    }
+
+    #[test]
+    fn what_holds_a_stop_in_words() {
+        assert_eq!(HeldBy::default().describe(), None);
+        let task = |tid, wchan: Option<&str>| HeldTask {
+            pid: 1,
+            tid,
+            comm: "app".into(),
+            wchan: wchan.map(str::to_string),
+            seconds_in_d: 40.0,
+        };
+        let held = HeldBy {
+            stuck_tasks: vec![
+                task(1, Some("io_schedule")),
+                task(2, Some("io_schedule")),
+                task(3, None),
+            ],
+            frozen_tasks: 2,
+        };
+        assert_eq!(
+            held.describe().as_deref(),
+            Some("3 task(s) in D (io_schedule) and 2 frozen task(s)")
+        );
+    }
+
+    #[test]
+    fn a_die_timed_before_its_kill_lasts_zero_seconds() {
+        let mut b = book();
+        b.apply(&kill("a", 1000, 15));
+        assert_eq!(completed(b.apply(&die("a", 0))).duration_seconds, 0.0);
+    }
+}
