@@ -131,7 +131,13 @@ mod tests {
         {
             book.on_state(
                 runtime,
-                &seen("hung", "", true, false, "dockerd"),
+                &seen(
+                    "hung",
+                    "",
+                    true,
+                    false,
+                    crate::engine::incidents::Layer::Dockerd,
+                ),
                 t0 + Duration::from_secs(i as u64),
             );
         }

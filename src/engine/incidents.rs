@@ -171,8 +171,8 @@ pub struct Incident {
     pub node: String,
     /// The runtime whose stall opened the incident.
     pub runtime: Runtime,
-    /// The lowest layer seen stuck: `dockerd` or `containerd`.
-    pub layer: String,
+    /// The lowest layer seen stuck.
+    pub layer: Layer,
     pub suspected_cause: String,
     #[serde(with = "humantime_serde")]
     pub started_at: SystemTime,
@@ -187,8 +187,33 @@ pub struct Incident {
     pub stuck_stops: BTreeSet<String>,
 }
 
-/// The layer of an incident opened by a stuck stop while the runtime answers.
-pub const CONTAINER_LAYER: &str = "container";
+/// Where an incident's hang is: a daemon, or (a stuck stop while the runtime answers) a
+/// container. Ordered from the top: a lower layer seen stuck replaces a higher one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Container,
+    Dockerd,
+    Containerd,
+}
+
+impl Layer {
+    /// The daemon layer of `runtime`.
+    pub fn of(runtime: Runtime) -> Layer {
+        match runtime {
+            Runtime::Docker => Layer::Dockerd,
+            Runtime::Containerd => Layer::Containerd,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Container => "container",
+            Layer::Dockerd => "dockerd",
+            Layer::Containerd => "containerd",
+        }
+    }
+}
 
 impl Incident {
     pub fn is_open(&self) -> bool {
@@ -205,10 +230,10 @@ impl Incident {
     /// One line for logs and `hangwatch check`.
     pub fn summary(&self, now: SystemTime) -> String {
         let status = if self.is_open() { "open" } else { "closed" };
-        let what = if self.layer == CONTAINER_LAYER {
+        let what = if self.layer == Layer::Container {
             format!("{}: container stop stuck", self.runtime)
         } else {
-            format!("{} stalled, layer {}", self.runtime, self.layer)
+            format!("{} stalled, layer {}", self.runtime, self.layer.as_str())
         };
         format!(
             "{} [{status}, {:.0}s] {what}: {}",
@@ -240,8 +265,8 @@ pub struct Observation<'a> {
     pub stalled: bool,
     /// Answering again, or gone for good: closes the incident.
     pub recovered: bool,
-    /// The lowest layer currently stalled: `dockerd` or `containerd`.
-    pub layer: &'a str,
+    /// The lowest layer currently stalled.
+    pub layer: Layer,
 }
 
 /// What changed, for the engine to log, count and persist.
@@ -347,9 +372,8 @@ impl IncidentBook {
                 incident.states.push(change);
                 changes.push(Change::Updated(incident.id.clone()));
             }
-            if stalled && incident.layer != layer && layer_rank(layer) > layer_rank(&incident.layer)
-            {
-                incident.layer = layer.to_string();
+            if stalled && layer > incident.layer {
+                incident.layer = layer;
                 incident.refresh_cause();
                 changes.push(Change::Updated(incident.id.clone()));
             }
@@ -375,7 +399,7 @@ impl IncidentBook {
     fn open_incident_with(
         &mut self,
         runtime: Runtime,
-        layer: &str,
+        layer: Layer,
         change: StateChange,
         now: SystemTime,
     ) -> String {
@@ -387,7 +411,7 @@ impl IncidentBook {
             id: format!("{}-{}-{millis}", self.node, runtime),
             node: self.node.clone(),
             runtime,
-            layer: layer.to_string(),
+            layer,
             suspected_cause: String::new(),
             started_at: now,
             ended_at: None,
@@ -432,7 +456,7 @@ impl IncidentBook {
                 state: "stuck_stop".into(),
                 reason: format!("the stop of container {name} is stuck"),
             };
-            let id = self.open_incident_with(runtime, CONTAINER_LAYER, change, now);
+            let id = self.open_incident_with(runtime, Layer::Container, change, now);
             changes.push(Change::Opened(id));
         }
         if let Some(incident) = self.open.get_mut(&runtime) {
@@ -538,22 +562,14 @@ impl IncidentBook {
     }
 }
 
-fn layer_rank(layer: &str) -> u8 {
-    match layer {
-        "containerd" => 2,
-        "dockerd" => 1,
-        _ => 0,
-    }
-}
-
 /// A sentence naming the most likely cause, from the evidence in the window. The OOM-killed `runc:[2:INIT]`
 /// chain (runc:[2:INIT] OOM-killed, then runc blocked on its exec.fifo, then containerd and
 /// dockerd stuck) is spelled out when its parts are present.
 pub fn suspected_cause(incident: &Incident) -> String {
     let mut parts: Vec<String> = Vec::new();
-    parts.push(match (incident.runtime, incident.layer.as_str()) {
-        (_, CONTAINER_LAYER) => "a container stop hangs while the runtime answers".into(),
-        (Runtime::Docker, "containerd") => "containerd blocked, dockerd waiting on it".into(),
+    parts.push(match (incident.runtime, incident.layer) {
+        (_, Layer::Container) => "a container stop hangs while the runtime answers".into(),
+        (Runtime::Docker, Layer::Containerd) => "containerd blocked, dockerd waiting on it".into(),
         (Runtime::Docker, _) => "dockerd blocked while containerd answers".into(),
         (Runtime::Containerd, _) => "containerd blocked".into(),
     });
@@ -758,7 +774,7 @@ pub(crate) mod tests {
         reason: &'a str,
         stalled: bool,
         recovered: bool,
-        layer: &'a str,
+        layer: Layer,
     ) -> Observation<'a> {
         Observation {
             state,
@@ -779,26 +795,26 @@ pub(crate) mod tests {
         assert!(
             b.on_state(
                 Runtime::Docker,
-                &seen("healthy", "", false, true, "dockerd"),
+                &seen("healthy", "", false, true, Layer::Dockerd),
                 t(0)
             )
             .is_empty()
         );
         let changes = b.on_state(
             Runtime::Docker,
-            &seen("hung", "ping stuck", true, false, "dockerd"),
+            &seen("hung", "ping stuck", true, false, Layer::Dockerd),
             t(10),
         );
         assert!(matches!(changes.as_slice(), [Change::Opened(_)]));
         let again = b.on_state(
             Runtime::Docker,
-            &seen("hung", "ping stuck", true, false, "dockerd"),
+            &seen("hung", "ping stuck", true, false, Layer::Dockerd),
             t(11),
         );
         assert!(again.is_empty(), "same state adds nothing: {again:?}");
         let closed = b.on_state(
             Runtime::Docker,
-            &seen("healthy", "", false, true, "dockerd"),
+            &seen("healthy", "", false, true, Layer::Dockerd),
             t(20),
         );
         assert!(matches!(closed.as_slice(), [Change::Closed(_)]));
@@ -822,7 +838,7 @@ pub(crate) mod tests {
         });
         b.on_state(
             Runtime::Docker,
-            &seen("hung", "", true, false, "containerd"),
+            &seen("hung", "", true, false, Layer::Containerd),
             t(12),
         );
         b.add_evidence(Evidence::StuckRuntimeProcess {
@@ -865,7 +881,7 @@ pub(crate) mod tests {
         });
         b.on_state(
             Runtime::Containerd,
-            &seen("hung", "", true, false, "containerd"),
+            &seen("hung", "", true, false, Layer::Containerd),
             t(1000),
         );
         assert!(
@@ -881,7 +897,7 @@ pub(crate) mod tests {
         let mut b = book();
         b.on_state(
             Runtime::Docker,
-            &seen("hung", "", true, false, "dockerd"),
+            &seen("hung", "", true, false, Layer::Dockerd),
             t(0),
         );
         b.dump_requested(
@@ -893,7 +909,7 @@ pub(crate) mod tests {
         b.dump_progress(Runtime::Docker, DumpStatus::Pending, None, None);
         b.on_state(
             Runtime::Docker,
-            &seen("healthy", "", false, true, "dockerd"),
+            &seen("healthy", "", false, true, Layer::Dockerd),
             t(30),
         );
         let changes = b.dump_progress(
@@ -920,7 +936,7 @@ pub(crate) mod tests {
         let mut b = book();
         b.on_state(
             Runtime::Docker,
-            &seen("hung", "", true, false, "dockerd"),
+            &seen("hung", "", true, false, Layer::Dockerd),
             t(0),
         );
         for seconds in [30.0, 40.0, 50.0] {
@@ -951,7 +967,7 @@ pub(crate) mod tests {
         let mut b = book();
         b.on_state(
             Runtime::Docker,
-            &seen("wedged", "", true, false, "dockerd"),
+            &seen("wedged", "", true, false, Layer::Dockerd),
             t(0),
         );
         let json = serde_json::to_string(&b.all()[0]).expect("serialize");
@@ -960,7 +976,7 @@ pub(crate) mod tests {
         assert!(restarted.open_incident(Runtime::Docker).is_some());
         let closed = restarted.on_state(
             Runtime::Docker,
-            &seen("healthy", "", false, true, "dockerd"),
+            &seen("healthy", "", false, true, Layer::Dockerd),
             t(5),
         );
         assert!(matches!(closed.as_slice(), [Change::Closed(_)]));
@@ -985,14 +1001,14 @@ pub(crate) mod tests {
     #[test]
     fn a_stuck_stop_opens_an_incident_that_stays_open_until_the_stop_ends() {
         let mut b = book();
-        let healthy = seen("healthy", "", false, true, "dockerd");
+        let healthy = seen("healthy", "", false, true, Layer::Dockerd);
         let changes = b.stop_stuck(Runtime::Docker, "c0ffee", stuck_stop(false, 40.0), t(40));
         assert!(
             matches!(changes.first(), Some(Change::Opened(_))),
             "{changes:?}"
         );
         let incident = b.open_incident(Runtime::Docker).expect("open");
-        assert_eq!(incident.layer, CONTAINER_LAYER);
+        assert_eq!(incident.layer, Layer::Container);
         assert_eq!(
             incident.suspected_cause,
             "a container stop hangs while the runtime answers; stop of container web \
@@ -1034,7 +1050,13 @@ pub(crate) mod tests {
         let mut b = book();
         b.on_state(
             Runtime::Docker,
-            &seen("wedged", "list_containers stuck", true, false, "dockerd"),
+            &seen(
+                "wedged",
+                "list_containers stuck",
+                true,
+                false,
+                Layer::Dockerd,
+            ),
             t(0),
         );
         let changes = b.stop_stuck(Runtime::Docker, "c0ffee", stuck_stop(false, 40.0), t(40));
@@ -1043,7 +1065,7 @@ pub(crate) mod tests {
             "joins, does not open: {changes:?}"
         );
         let incident = b.open_incident(Runtime::Docker).expect("open");
-        assert_eq!(incident.layer, "dockerd");
+        assert_eq!(incident.layer, Layer::Dockerd);
         assert!(
             incident
                 .suspected_cause
@@ -1064,7 +1086,7 @@ pub(crate) mod tests {
         let mut restarted = IncidentBook::new("node-a".into(), 10, vec![loaded]);
         let closed = restarted.on_state(
             Runtime::Docker,
-            &seen("healthy", "", false, true, "dockerd"),
+            &seen("healthy", "", false, true, Layer::Dockerd),
             t(60),
         );
         assert!(

@@ -12,7 +12,7 @@ use super::metrics::{FailureLabels, OperationLabels, RuntimeMetrics, RuntimeStat
 use super::verdict::{OperationStatus, RuntimeState, RuntimeTracker, Verdict};
 use crate::config::{Config, ProbeConfig, RuntimeMode};
 use crate::domain::Runtime;
-use crate::engine::incidents::Observation;
+use crate::engine::incidents::{Layer, Observation};
 use crate::metrics::RuntimeLabels;
 use crate::signal::Payload;
 use crate::sources::{Action, Context, Now, Section, SourceState, json_of};
@@ -185,15 +185,15 @@ impl RuntimeSlice {
     }
 
     /// The lowest layer stalled right now: containerd under dockerd.
-    fn stalled_layer(&self, runtime: Runtime) -> &'static str {
+    fn stalled_layer(&self, runtime: Runtime) -> Layer {
         let containerd_stalled = self
             .runtimes
             .iter()
             .any(|t| t.tracker.runtime() == Runtime::Containerd && t.verdict.state.is_stalled());
         if containerd_stalled {
-            Runtime::Containerd.daemon_name()
+            Layer::Containerd
         } else {
-            runtime.daemon_name()
+            Layer::of(runtime)
         }
     }
 }
@@ -373,7 +373,6 @@ fn severity(state: RuntimeState) -> u8 {
         _ => 0,
     }
 }
-
 
 fn log_transition(runtime: Runtime, from: &Verdict, to: &Verdict) {
     let (from, state, reason) = (from.state.as_str(), to.state.as_str(), to.reason.as_str());
