@@ -196,6 +196,18 @@ pub trait Section: Any + Send + Sync + fmt::Debug {
     fn render_check(&self, _out: &mut String, _now: SystemTime) {}
 }
 
+/// The payload as the `T` its source's detectors send; anything else is a wiring mistake,
+/// logged and dropped.
+pub fn payload_of<T: Any>(payload: Payload, source: &'static str) -> Option<T> {
+    match payload.downcast::<T>() {
+        Ok(value) => Some(value),
+        Err(_) => {
+            tracing::error!(source, "a payload of another type; dropped");
+            None
+        }
+    }
+}
+
 /// Serialize a section's value for readers; a value that cannot be serialized says why
 /// rather than failing the whole reply.
 pub fn json_of<T: serde::Serialize>(value: &T) -> serde_json::Value {

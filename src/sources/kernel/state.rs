@@ -18,7 +18,7 @@ use crate::sources::kernel::detect::{
     self as detect, HungTaskScope, KernelConditions, KernelEvent, KernelLogCounters, KernelSignal,
     LogSource, OomConstraint, OomVictim,
 };
-use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_of};
+use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_of, payload_of};
 
 /// Kernel events, newest first, shown by `check`.
 const CHECK_RECENT_EVENTS: usize = 10;
@@ -247,12 +247,8 @@ impl KernelSlice {
 
 impl SourceState for KernelSlice {
     fn apply(&mut self, payload: Payload, cx: &mut Context) {
-        let signal = match payload.downcast::<KernelSignal>() {
-            Ok(signal) => signal,
-            Err(_) => {
-                tracing::error!("kernel source: a payload of another type; dropped");
-                return;
-            }
+        let Some(signal) = payload_of::<KernelSignal>(payload, super::NAME) else {
+            return;
         };
         match signal {
             KernelSignal::Event { event, at } => self.apply_event(*event, at, cx),

@@ -27,7 +27,7 @@ use crate::sources::lifecycle::stops::{
 };
 use crate::sources::procscan::state::ProcScanView;
 use crate::sources::runtime::verdict::RuntimeState;
-use crate::sources::{Context, Now, Publish, Section, SourceState, json_of};
+use crate::sources::{Context, Now, Publish, Section, SourceState, json_of, payload_of};
 
 /// Stops listed by `check`.
 const CHECK_RECENT_STOPS: usize = 10;
@@ -394,12 +394,8 @@ impl LifecycleSlice {
 
 impl SourceState for LifecycleSlice {
     fn apply(&mut self, payload: Payload, cx: &mut Context) {
-        let signal = match payload.downcast::<LifecycleSignal>() {
-            Ok(signal) => signal,
-            Err(_) => {
-                tracing::error!("lifecycle source: a payload of another type; dropped");
-                return;
-            }
+        let Some(signal) = payload_of::<LifecycleSignal>(payload, super::NAME) else {
+            return;
         };
         match signal {
             LifecycleSignal::Event(event) => {

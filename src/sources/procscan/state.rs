@@ -15,7 +15,7 @@ use crate::engine::incidents::Evidence;
 use crate::metrics::{ContainerLabels, KindLabels, ScopeLabels};
 use crate::signal::Payload;
 use crate::sources::procscan::detect::{RuntimeKind, ScanReport, Scope, StuckRuntimeProcess};
-use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_of};
+use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_of, payload_of};
 
 /// Stuck tasks listed by `check`.
 const CHECK_LISTED_TASKS: usize = 10;
@@ -226,12 +226,8 @@ impl ProcScanState {
 
 impl SourceState for ProcScanState {
     fn apply(&mut self, payload: Payload, cx: &mut Context) {
-        let report = match payload.downcast::<Box<ScanReport>>() {
-            Ok(report) => report,
-            Err(_) => {
-                tracing::error!("proc scan source: a payload of another type; dropped");
-                return;
-            }
+        let Some(report) = payload_of::<Box<ScanReport>>(payload, super::NAME) else {
+            return;
         };
         let applied = self.apply_scan(*report, &cx.containers);
         cx.actions.extend(

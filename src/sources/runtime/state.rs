@@ -15,7 +15,7 @@ use crate::domain::Runtime;
 use crate::engine::incidents::{Layer, Observation};
 use crate::metrics::RuntimeLabels;
 use crate::signal::Payload;
-use crate::sources::{Action, Context, Now, Section, SourceState, json_of};
+use crate::sources::{Action, Context, Now, Section, SourceState, json_of, payload_of};
 
 struct TrackedRuntime {
     tracker: RuntimeTracker,
@@ -200,9 +200,8 @@ impl RuntimeSlice {
 
 impl SourceState for RuntimeSlice {
     fn apply(&mut self, payload: Payload, _cx: &mut Context) {
-        match payload.downcast::<ProbeSignal>() {
-            Ok(signal) => self.apply_probe(signal),
-            Err(_) => tracing::error!("runtime source: a payload of another type; dropped"),
+        if let Some(signal) = payload_of::<ProbeSignal>(payload, super::NAME) {
+            self.apply_probe(signal);
         }
     }
 
