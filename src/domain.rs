@@ -1,4 +1,5 @@
-//! Domain values shared by every layer: the runtimes hangwatch watches.
+//! Domain values shared by every layer: the runtimes hangwatch watches, whose tasks are
+//! stuck (scope), who the OOM killer took and why, which runtime process is stuck.
 
 use std::fmt;
 
@@ -34,6 +35,107 @@ impl Runtime {
 impl fmt::Display for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Who the OOM killer killed. The variants are the `victim` label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomVictim {
+    /// `runc:[2:INIT]`: its death mid-start is what wedges runc, the shim, containerd and dockerd.
+    RuncInit,
+    /// dockerd, containerd, a shim, runc, kubelet.
+    Runtime,
+    /// A process in a container's memory cgroup.
+    Container,
+    Host,
+}
+
+impl OomVictim {
+    pub const ALL: [OomVictim; 4] = [
+        OomVictim::RuncInit,
+        OomVictim::Runtime,
+        OomVictim::Container,
+        OomVictim::Host,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OomVictim::RuncInit => "runc_init",
+            OomVictim::Runtime => "runtime",
+            OomVictim::Container => "container",
+            OomVictim::Host => "host",
+        }
+    }
+}
+
+/// The `constraint` label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomConstraint {
+    /// A memory cgroup's limit was hit.
+    Memcg,
+    /// The node (or a cpuset/mempolicy) ran out of memory.
+    Global,
+    /// The lines saying which were lost (overwritten before they were read).
+    Unknown,
+}
+
+impl OomConstraint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OomConstraint::Memcg => "memcg",
+            OomConstraint::Global => "global",
+            OomConstraint::Unknown => "unknown",
+        }
+    }
+}
+
+/// Who a D task belongs to. The `scope` label of `hangwatch_dstate_tasks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// dockerd, containerd, a shim, runc or kubelet itself.
+    Runtime,
+    /// A task in a container's cgroup.
+    Container,
+    /// Anything else.
+    Host,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::Runtime, Scope::Container, Scope::Host];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Runtime => "runtime",
+            Scope::Container => "container",
+            Scope::Host => "host",
+        }
+    }
+}
+
+/// Kinds of stuck runtime process. The `kind` label of `hangwatch_stuck_runtime_processes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// A `runc` older than `runc_stuck_after` (the parent of an OOM-killed `runc:[2:INIT]`, blocked on `exec.fifo`).
+    Runc,
+    /// A `runc:[2:INIT]` older than `runc_init_stuck_after`: waiting for a start that never came.
+    RuncInit,
+    /// A containerd shim with a thread stuck in D.
+    Shim,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Runc, RuntimeKind::RuncInit, RuntimeKind::Shim];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::RuncInit => "runc_init",
+            RuntimeKind::Shim => "shim",
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::actions::dumps::{DumpOutcome, DumpRecord};
-use crate::domain::Runtime;
+use crate::domain::{OomConstraint, OomVictim, Runtime, RuntimeKind, Scope};
 use crate::sources::lifecycle::stops::HeldBy;
 
 /// Evidence older than this before a stall opens is not attached to it.
@@ -62,8 +62,8 @@ pub enum Evidence {
         at: SystemTime,
         pid: Option<i32>,
         comm: Option<String>,
-        victim: String,
-        constraint: String,
+        victim: OomVictim,
+        constraint: OomConstraint,
         memcg: Option<String>,
         container: Option<String>,
     },
@@ -72,7 +72,7 @@ pub enum Evidence {
         at: SystemTime,
         pid: Option<i32>,
         comm: Option<String>,
-        scope: String,
+        scope: Scope,
         seconds: Option<u64>,
     },
     KernelEvent {
@@ -87,7 +87,7 @@ pub enum Evidence {
         pid: i32,
         tid: i32,
         comm: String,
-        scope: String,
+        scope: Scope,
         wchan: Option<String>,
         seconds: f64,
         container: Option<String>,
@@ -95,7 +95,7 @@ pub enum Evidence {
     StuckRuntimeProcess {
         #[serde(with = "humantime_serde")]
         at: SystemTime,
-        kind: String,
+        kind: RuntimeKind,
         pid: i32,
         comm: String,
         age_seconds: f64,
@@ -581,11 +581,10 @@ pub fn suspected_cause(incident: &Incident) -> String {
         }
     };
     let mut chain = 0;
-    if let Some(Evidence::OomKill { at, pid, memcg, .. }) = incident
-        .evidence
-        .iter()
-        .rev()
-        .find(|e| matches!(e, Evidence::OomKill { victim, .. } if victim == "runc_init"))
+    if let Some(Evidence::OomKill { at, pid, memcg, .. }) =
+        incident.evidence.iter().rev().find(
+            |e| matches!(e, Evidence::OomKill { victim, .. } if *victim == OomVictim::RuncInit),
+        )
     {
         chain += 1;
         let pid = pid.map(|p| format!(" pid {p}")).unwrap_or_default();
@@ -606,7 +605,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 comm,
                 ..
             } => {
-                if kind == "runc" && fifo.is_some() {
+                if *kind == RuntimeKind::Runc && fifo.is_some() {
                     chain += 1;
                 }
                 let on = fifo
@@ -622,7 +621,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 scope,
                 seconds,
                 ..
-            } if scope == "runtime" => {
+            } if *scope == Scope::Runtime => {
                 let comm = comm.as_deref().unwrap_or("?");
                 let pid = pid.map(|p| p.to_string()).unwrap_or_default();
                 let secs = seconds
@@ -652,7 +651,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 let key = container
                     .clone()
                     .map(|c| format!("container {c}"))
-                    .unwrap_or_else(|| scope.clone());
+                    .unwrap_or_else(|| scope.as_str().to_string());
                 let entry = by_scope.entry(key).or_insert((0, wchan.clone(), 0.0));
                 entry.0 += 1;
                 entry.2 = entry.2.max(*seconds);
@@ -831,8 +830,8 @@ pub(crate) mod tests {
             at: t(0),
             pid: Some(20357),
             comm: Some("runc:[2:INIT]".into()),
-            victim: "runc_init".into(),
-            constraint: "memcg".into(),
+            victim: OomVictim::RuncInit,
+            constraint: OomConstraint::Memcg,
             memcg: Some("/kubepods/burstable/podx/abc".into()),
             container: None,
         });
@@ -843,7 +842,7 @@ pub(crate) mod tests {
         );
         b.add_evidence(Evidence::StuckRuntimeProcess {
             at: t(13),
-            kind: "runc".into(),
+            kind: RuntimeKind::Runc,
             pid: 4242,
             comm: "runc".into(),
             age_seconds: 300.0,
@@ -945,7 +944,7 @@ pub(crate) mod tests {
                 pid: 7,
                 tid: 8,
                 comm: "app".into(),
-                scope: "container".into(),
+                scope: Scope::Container,
                 wchan: Some("kernel_clone".into()),
                 seconds,
                 container: Some("web".into()),

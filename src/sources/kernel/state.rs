@@ -320,8 +320,8 @@ fn kernel_evidence(event: &KernelEvent, at: SystemTime) -> Evidence {
             at,
             pid,
             comm: event.fields.comm.clone(),
-            victim: oom.victim.as_str().to_string(),
-            constraint: oom.constraint.as_str().to_string(),
+            victim: oom.victim,
+            constraint: oom.constraint,
             memcg: oom.memcg.clone().or_else(|| oom.task_memcg.clone()),
             container: event
                 .container_name
@@ -334,7 +334,7 @@ fn kernel_evidence(event: &KernelEvent, at: SystemTime) -> Evidence {
             at,
             pid,
             comm: event.fields.comm.clone(),
-            scope: scope.as_str().to_string(),
+            scope,
             seconds: event.fields.seconds,
         };
     }

@@ -200,7 +200,7 @@ impl ProcScanState {
                 pid: t.pid,
                 tid: t.tid,
                 comm: t.comm.clone(),
-                scope: t.scope.as_str().to_string(),
+                scope: t.scope,
                 wchan: t.wchan.clone(),
                 seconds: t.seconds_in_d,
                 container: name_of(t.owner.container_id.as_deref()),
@@ -355,7 +355,7 @@ fn runtime_evidence(process: &StuckRuntimeProcess, at: SystemTime) -> Evidence {
         });
     Evidence::StuckRuntimeProcess {
         at,
-        kind: process.kind.as_str().to_string(),
+        kind: process.kind,
         pid: process.pid,
         comm: process.comm.clone(),
         age_seconds: process.age_seconds,

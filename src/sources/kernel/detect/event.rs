@@ -6,6 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+pub use crate::domain::{OomConstraint, OomVictim, Scope as HungTaskScope};
+
 use crate::attribution::{CgroupOwner, attribute_path, attribute_proc_cgroup};
 use crate::config::{RuleKind, Severity};
 
@@ -83,84 +85,6 @@ pub struct OomInfo {
     pub memcg: Option<String>,
     /// The victim's own memory cgroup (`task_memcg=`, or `Task in <memcg> ...`).
     pub task_memcg: Option<String>,
-}
-
-/// Who the OOM killer killed. The variants are the `victim` label values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OomVictim {
-    /// `runc:[2:INIT]`: its death mid-start is what wedges runc, the shim, containerd and dockerd.
-    RuncInit,
-    /// dockerd, containerd, a shim, runc, kubelet.
-    Runtime,
-    /// A process in a container's memory cgroup.
-    Container,
-    Host,
-}
-
-impl OomVictim {
-    pub const ALL: [OomVictim; 4] = [
-        OomVictim::RuncInit,
-        OomVictim::Runtime,
-        OomVictim::Container,
-        OomVictim::Host,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OomVictim::RuncInit => "runc_init",
-            OomVictim::Runtime => "runtime",
-            OomVictim::Container => "container",
-            OomVictim::Host => "host",
-        }
-    }
-}
-
-/// The `constraint` label values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OomConstraint {
-    /// A memory cgroup's limit was hit.
-    Memcg,
-    /// The node (or a cpuset/mempolicy) ran out of memory.
-    Global,
-    /// The lines saying which were lost (overwritten before they were read).
-    Unknown,
-}
-
-impl OomConstraint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OomConstraint::Memcg => "memcg",
-            OomConstraint::Global => "global",
-            OomConstraint::Unknown => "unknown",
-        }
-    }
-}
-
-/// Whose task is blocked. The variants are the `scope` label values of hung tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HungTaskScope {
-    Runtime,
-    Container,
-    Host,
-}
-
-impl HungTaskScope {
-    pub const ALL: [HungTaskScope; 3] = [
-        HungTaskScope::Runtime,
-        HungTaskScope::Container,
-        HungTaskScope::Host,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HungTaskScope::Runtime => "runtime",
-            HungTaskScope::Container => "container",
-            HungTaskScope::Host => "host",
-        }
-    }
 }
 
 impl KernelEvent {

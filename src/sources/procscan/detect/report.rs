@@ -5,55 +5,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+pub use crate::domain::{RuntimeKind, Scope};
+
 use crate::attribution::CgroupOwner;
-
-/// Who a D task belongs to. The `scope` label of `hangwatch_dstate_tasks`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// dockerd, containerd, a shim, runc or kubelet itself.
-    Runtime,
-    /// A task in a container's cgroup.
-    Container,
-    /// Anything else.
-    Host,
-}
-
-impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::Runtime, Scope::Container, Scope::Host];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Runtime => "runtime",
-            Scope::Container => "container",
-            Scope::Host => "host",
-        }
-    }
-}
-
-/// Kinds of stuck runtime process. The `kind` label of `hangwatch_stuck_runtime_processes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RuntimeKind {
-    /// A `runc` older than `runc_stuck_after` (the parent of an OOM-killed `runc:[2:INIT]`, blocked on `exec.fifo`).
-    Runc,
-    /// A `runc:[2:INIT]` older than `runc_init_stuck_after`: waiting for a start that never came.
-    RuncInit,
-    /// A containerd shim with a thread stuck in D.
-    Shim,
-}
-
-impl RuntimeKind {
-    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Runc, RuntimeKind::RuncInit, RuntimeKind::Shim];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuntimeKind::Runc => "runc",
-            RuntimeKind::RuncInit => "runc_init",
-            RuntimeKind::Shim => "shim",
-        }
-    }
-}
 
 /// Counts of D tasks (frozen ones excluded) per scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
