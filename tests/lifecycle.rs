@@ -10,12 +10,13 @@ mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use support::KilledOnDrop;
 use support::daemons::{DOCKER_CLI, PrivateDaemons};
 use support::hangwatch::{Hangwatch, TempDir, run_cli};
 use support::{exclusive, wait_for};
@@ -213,16 +214,6 @@ impl Drop for Frozen<'_> {
     }
 }
 
-/// `docker stop` in the background, killed if still running when the test ends.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Freezing the container's own cgroup does not make a stuck stop on this kind of node: runc
 /// thaws a container it finds frozen before SIGKILL, and a cgroup v2 freeze lets SIGKILL
 /// through. Frozen from its parent, the container keeps its SIGKILL pending like a task in D.
@@ -353,8 +344,8 @@ fn events_stream(hw: &Hangwatch) -> Value {
     stops(hw)["events_stream"].clone()
 }
 
-fn docker_in_background(daemons: &PrivateDaemons, args: &[&str]) -> Background {
-    Background(
+fn docker_in_background(daemons: &PrivateDaemons, args: &[&str]) -> KilledOnDrop {
+    KilledOnDrop(
         Command::new("timeout")
             .arg("90")
             .arg(DOCKER_CLI)

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::KilledOnDrop;
 use support::daemons::PrivateDaemons;
 use support::hangwatch::{Hangwatch, TempDir, metric_value};
 use support::{helper_binary, wait_for};
@@ -175,16 +176,6 @@ fn paused_container_is_frozen_never_stuck_and_unpause_clears_it() {
     });
 }
 
-/// Kills the helper (and with it its vfork child) at the end of the test.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn host_task_in_d_has_scope_host() {
     let dir = TempDir::new("procscan-host");
@@ -193,7 +184,7 @@ fn host_task_in_d_has_scope_host() {
         dir.path().display()
     );
     let hw = Hangwatch::start(&config, dir.path());
-    let helper = Reaped(
+    let helper = KilledOnDrop(
         Command::new(helper_binary("procscan_block"))
             .arg("vfork")
             .stdout(Stdio::null())

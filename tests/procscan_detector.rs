@@ -3,7 +3,9 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use support::KilledOnDrop;
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +15,6 @@ use hangwatch::signal::{self, Signal};
 use hangwatch::sources::procscan::{self, detect::ScanReport};
 use hangwatch::sources::{DetectorContext, registered};
 use tokio_util::sync::CancellationToken;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn registered_only_when_enabled() {
@@ -44,7 +37,7 @@ fn scans_off_the_async_thread_report_and_stop_promptly() {
     // Thousands of threads make each (debug-build) scan long enough that running it on the
     // async thread would delay the timers below by far more than the bound.
     let helper = support::helper_binary("procscan_block");
-    let mut threads = Killed(
+    let mut threads = KilledOnDrop(
         Command::new(helper)
             .args(["threads", "8000"])
             .stdout(Stdio::piped())

@@ -6,29 +6,17 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::daemons::PrivateDaemons;
-use support::hangwatch::{Hangwatch, TempDir, metric_value, run_cli};
+use support::hangwatch::{
+    FAST_PROBES, Hangwatch, TempDir, metric_value, run_cli, runtime_in_state,
+};
 use support::wait_for;
 
+/// The stall threshold of [`FAST_PROBES`].
 const STALL: Duration = Duration::from_secs(2);
-
-/// Fast probing so a probe is in flight within half a second of a SIGSTOP.
-fn probe_config() -> String {
-    format!(
-        "probes:\n  interval: 500ms\n  slow_threshold: 1s\n  stall_threshold: {}s\n  deadline: 6s\n",
-        STALL.as_secs()
-    )
-}
 
 fn gauge(hw: &Hangwatch, name: &str, runtime: &str) -> f64 {
     hw.metric(name, &[("runtime", runtime)])
         .unwrap_or_else(|| panic!("{name}{{runtime={runtime}}} missing"))
-}
-
-fn state_is(hw: &Hangwatch, runtime: &str, state: &str) -> bool {
-    hw.metric(
-        "hangwatch_runtime_state",
-        &[("runtime", runtime), ("state", state)],
-    ) == Some(1.0)
 }
 
 /// Poll /metrics until `done` holds. With `timed`, every scrape must answer within 100 ms.
@@ -65,11 +53,7 @@ fn stalled(text: &str, runtime: &str) -> bool {
 }
 
 fn healthy(text: &str, runtime: &str) -> bool {
-    metric_value(
-        text,
-        "hangwatch_runtime_state",
-        &[("runtime", runtime), ("state", "healthy")],
-    ) == Some(1.0)
+    runtime_in_state(text, runtime, "healthy")
 }
 
 #[test]
@@ -78,11 +62,11 @@ fn healthy_daemons_are_up_with_latency_observed() {
     let daemons = PrivateDaemons::start();
     let dir = TempDir::new("healthy");
     let hw = Hangwatch::start(
-        &daemons.hangwatch_config(dir.path(), &probe_config()),
+        &daemons.hangwatch_config(dir.path(), FAST_PROBES),
         dir.path(),
     );
     wait_for("both runtimes healthy", Duration::from_secs(20), || {
-        (state_is(&hw, "docker", "healthy") && state_is(&hw, "containerd", "healthy")).then_some(())
+        (hw.runtime_is("docker", "healthy") && hw.runtime_is("containerd", "healthy")).then_some(())
     });
     for runtime in ["docker", "containerd"] {
         assert_eq!(gauge(&hw, "hangwatch_runtime_up", runtime), 1.0);
@@ -179,7 +163,7 @@ fn ten_stall_cycles(
     bystander: &str,
 ) -> Hangwatch {
     let hw = Hangwatch::start(
-        &daemons.hangwatch_config(dir.path(), &probe_config()),
+        &daemons.hangwatch_config(dir.path(), FAST_PROBES),
         dir.path(),
     );
     poll(&hw, "healthy start", Duration::from_secs(20), false, |t| {
@@ -232,7 +216,7 @@ fn shutdown_within_two_seconds_while_probes_hang() {
     let daemons = PrivateDaemons::start();
     let dir = TempDir::new("shutdown");
     let hw = Hangwatch::start(
-        &daemons.hangwatch_config(dir.path(), &probe_config()),
+        &daemons.hangwatch_config(dir.path(), FAST_PROBES),
         dir.path(),
     );
     poll(&hw, "healthy start", Duration::from_secs(20), false, |t| {

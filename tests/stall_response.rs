@@ -15,6 +15,8 @@ use support::daemons::PrivateDaemons;
 use support::hangwatch::{Hangwatch, TempDir};
 use support::wait_for;
 
+/// `support::hangwatch::FAST_PROBES` with dumps waited for briefly (a literal: it is
+/// spliced into `format!` strings).
 const FAST: &str = "probes:\n  interval: 500ms\n  slow_threshold: 1s\n  stall_threshold: 2s\n  deadline: 6s\n\
 dumps:\n  wait: 2s\n  background_wait: 60s\n";
 
@@ -41,10 +43,7 @@ fn dumps_counted(hw: &Hangwatch, daemon: &str, result: &str) -> f64 {
 }
 
 fn healthy(hw: &Hangwatch, runtime: &str) -> bool {
-    hw.metric(
-        "hangwatch_runtime_state",
-        &[("runtime", runtime), ("state", "healthy")],
-    ) == Some(1.0)
+    hw.runtime_is(runtime, "healthy")
 }
 
 fn copied_dumps(state_dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {

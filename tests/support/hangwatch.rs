@@ -17,6 +17,20 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hangwatch")
 }
 
+/// Probing fast enough that a call is in flight within half a second of a SIGSTOP, and a
+/// stall declared 2 s after.
+pub const FAST_PROBES: &str =
+    "probes:\n  interval: 500ms\n  slow_threshold: 1s\n  stall_threshold: 2s\n  deadline: 6s\n";
+
+/// Whether `text` (from /metrics) puts `runtime` in `state`.
+pub fn runtime_in_state(text: &str, runtime: &str, state: &str) -> bool {
+    metric_value(
+        text,
+        "hangwatch_runtime_state",
+        &[("runtime", runtime), ("state", state)],
+    ) == Some(1.0)
+}
+
 /// The cordoner's own binary.
 pub fn cordoner_binary() -> &'static str {
     env!("CARGO_BIN_EXE_hangwatch-cordoner")
@@ -176,6 +190,11 @@ impl Hangwatch {
     }
 
     /// Value of the first series of `name` carrying all `labels`.
+    /// Whether `runtime` is in `state` now.
+    pub fn runtime_is(&self, runtime: &str, state: &str) -> bool {
+        runtime_in_state(&self.metrics(), runtime, state)
+    }
+
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         metric_value(&self.metrics(), name, labels)
     }

@@ -39,6 +39,16 @@ pub fn helper_binary(name: &str) -> PathBuf {
     out
 }
 
+/// A child process killed and reaped when the test ends, however it ends.
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Poll `check` until it returns Some or `deadline` passes. Returns the value and how long it
 /// took; panics with `what` on timeout.
 pub fn wait_for<T>(
