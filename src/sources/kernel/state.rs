@@ -1,10 +1,10 @@
 //! The kernel source's engine-side state: a bounded ring of recent events (served at
 //! `/events`), the conditions holding, whether the log can be read, and the metrics.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -22,6 +22,57 @@ use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_o
 
 /// Kernel events, newest first, shown by `check`.
 const CHECK_RECENT_EVENTS: usize = 10;
+/// An OOM storm must not become a log storm: so many events are logged one by one per
+/// window, the rest summed up in one line when the window ends.
+const LOGGED_EVENTS_PER_WINDOW: u32 = 5;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Per-event log lines, at most [`LOGGED_EVENTS_PER_WINDOW`] per [`LOG_WINDOW`].
+#[derive(Debug, Default)]
+struct EventLog {
+    window_start: Option<Instant>,
+    logged: u32,
+    /// Events not logged one by one in this window, by rule.
+    unlogged: BTreeMap<String, u64>,
+}
+
+impl EventLog {
+    /// Whether to log this event on a line of its own.
+    fn allow(&mut self, rule: &str, now: Instant) -> bool {
+        self.roll(now);
+        self.window_start.get_or_insert(now);
+        if self.logged < LOGGED_EVENTS_PER_WINDOW {
+            self.logged += 1;
+            return true;
+        }
+        *self.unlogged.entry(rule.to_string()).or_default() += 1;
+        false
+    }
+
+    /// At the end of a window: one line for what was not logged in it.
+    fn roll(&mut self, now: Instant) {
+        let Some(start) = self.window_start else {
+            return;
+        };
+        if now.saturating_duration_since(start) < LOG_WINDOW {
+            return;
+        }
+        if !self.unlogged.is_empty() {
+            let total: u64 = self.unlogged.values().sum();
+            let by_rule: Vec<String> = self
+                .unlogged
+                .iter()
+                .map(|(rule, n)| format!("{rule}: {n}"))
+                .collect();
+            tracing::info!(
+                events = total,
+                by_rule = %by_rule.join(", "),
+                "more kernel events than are logged one by one; all are counted and at /events"
+            );
+        }
+        *self = EventLog::default();
+    }
+}
 
 /// A kernel event with the wall-clock time it was logged.
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +196,7 @@ pub struct KernelSlice {
     /// The status changed since it was last published.
     dirty: bool,
     metrics: KernelMetrics,
+    event_log: EventLog,
 }
 
 impl KernelSlice {
@@ -185,6 +237,7 @@ impl KernelSlice {
             published: Arc::default(),
             dirty: true,
             metrics,
+            event_log: EventLog::default(),
         }
     }
 
@@ -235,10 +288,12 @@ impl KernelSlice {
         {
             cx.actions.push(Action::ResolveContainer(id));
         }
-        tracing::info!(
-            rule = %event.rule, victim = event.victim_label(), container = event.container_name.as_deref(),
-            message = %event.message, "kernel event"
-        );
+        if self.event_log.allow(&event.rule, cx.now.mono) {
+            tracing::info!(
+                rule = %event.rule, victim = event.victim_label(), container = event.container_name.as_deref(),
+                message = %event.message, "kernel event"
+            );
+        }
         let changes = cx.incidents.add_evidence(kernel_evidence(&event, at));
         cx.incident_changes(changes);
         self.state.record(event, at, cx.now.mono);
@@ -272,6 +327,7 @@ impl SourceState for KernelSlice {
 
     /// Conditions expire with time: refresh their gauges every evaluation.
     fn evaluate(&mut self, cx: &mut Context) {
+        self.event_log.roll(cx.now.mono);
         let active = self.state.active_conditions(cx.now.mono);
         for rule in self.published.conditions.iter().map(|c| &c.rule) {
             if !active.iter().any(|a| &a.rule == rule) {
@@ -440,6 +496,20 @@ impl Section for KernelSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_flood_is_logged_a_few_lines_per_window() {
+        let t0 = Instant::now();
+        let mut log = EventLog::default();
+        let allowed = (0..1000)
+            .filter(|i| log.allow("oom_kill", t0 + Duration::from_millis(*i)))
+            .count();
+        assert_eq!(allowed, LOGGED_EVENTS_PER_WINDOW as usize);
+        assert_eq!(log.unlogged.get("oom_kill"), Some(&995));
+        log.roll(t0 + LOG_WINDOW);
+        assert!(log.unlogged.is_empty(), "the summary line ends the window");
+        assert!(log.allow("oom_kill", t0 + LOG_WINDOW));
+    }
     use crate::sources::kernel::detect::kernel_time_to_wall;
     use std::time::Duration;
 
