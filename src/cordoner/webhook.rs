@@ -117,16 +117,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
 /// A Kubernetes object name (RFC 1123 subdomain): anything else cannot be a node, and is
 /// never put into an API path.
 fn is_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
+    crate::config::is_dns_subdomain(name)
 }
 
 /// Whether an `Authorization` header carries `token`, compared in constant time.
