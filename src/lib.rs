@@ -13,5 +13,6 @@ pub mod engine;
 pub mod heartbeat;
 pub mod http;
 pub mod metrics;
+pub mod persist;
 pub mod signal;
 pub mod triage;

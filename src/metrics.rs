@@ -162,6 +162,7 @@ impl Metrics {
 
         let build_info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
         registry.register("hangwatch_build", "hangwatch build information", build_info);
+        registry.register_collector(Box::new(crate::persist::StateWriteFailures));
 
         let mut m = Metrics {
             runtime_up: Family::default(),

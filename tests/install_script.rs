@@ -6,8 +6,10 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::hangwatch::TempDir;
+use support::wait_for;
 
 /// Which script to run: the repository's, unless `HANGWATCH_INSTALL_SCRIPT` names another
 /// (used to show that the earlier script, which killed by name, fails this test).
@@ -32,9 +34,16 @@ fn a_containerd_the_script_did_not_start_survives_the_install() {
         .stdin(Stdio::null())
         .spawn()
         .expect("start the bystander containerd");
-    let comm =
-        std::fs::read_to_string(format!("/proc/{}/comm", bystander.id())).expect("read its comm");
-    assert_eq!(comm.trim(), "containerd", "named as pkill -x would match");
+    let comm_path = format!("/proc/{}/comm", bystander.id());
+    // Its comm is the test's until the spawned child has exec'd.
+    wait_for(
+        "the bystander to run as containerd",
+        Duration::from_secs(10),
+        || {
+            let comm = std::fs::read_to_string(&comm_path).ok()?;
+            (comm.trim() == "containerd").then_some(())
+        },
+    );
 
     let policy_existed = Path::new(POLICY).exists();
     // A reinstall of a small package forces the install path on a machine that has all.
