@@ -95,8 +95,14 @@ impl NodeView {
 /// hangwatch already holds. `resourceVersion` makes it conditional: a node changed since it
 /// was read gives 409 Conflict, and the caller reads it again.
 pub fn cordon_patch(node: &NodeView, alert: &str, now: SystemTime) -> Value {
+    cordon_patch_for(node, &BTreeSet::from([alert.to_string()]), now)
+}
+
+/// [`cordon_patch`] for every alert of `adding` at once: a notification's alerts for one
+/// node take one patch.
+pub fn cordon_patch_for(node: &NodeView, adding: &BTreeSet<String>, now: SystemTime) -> Value {
     let mut alerts = node.cordon_alerts();
-    alerts.insert(alert.to_string());
+    alerts.extend(adding.iter().cloned());
     let alerts = alerts.into_iter().collect::<Vec<_>>().join(",");
     let mut annotations = json!({ CORDONED_BY: ME, CORDON_ALERTS: alerts });
     if !node.cordoned_by_hangwatch() {
@@ -131,11 +137,18 @@ pub enum Release {
 }
 
 pub fn release(node: &NodeView, alert: &str) -> Release {
+    release_all(node, &BTreeSet::from([alert.to_string()]))
+}
+
+/// [`release`] for every alert of `resolved` at once.
+pub fn release_all(node: &NodeView, resolved: &BTreeSet<String>) -> Release {
     if !node.cordoned_by_hangwatch() {
         return Release::NotOurs;
     }
     let mut alerts = node.cordon_alerts();
-    if !alerts.remove(alert) {
+    let before = alerts.len();
+    alerts.retain(|a| !resolved.contains(a));
+    if alerts.len() == before {
         return Release::NotOurs;
     }
     if !alerts.is_empty() {
