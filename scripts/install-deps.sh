@@ -2,6 +2,8 @@
 # Install the Debian packages hangwatch needs, only when missing.
 #   --build  what building needs (protoc for the containerd API bindings)
 #   --test   what the test suite needs as well
+# HANGWATCH_REINSTALL="pkg ..." installs those packages again even when present (the test of
+# this script uses it to take the install path on a machine that has everything).
 set -euo pipefail
 
 packages=(protobuf-compiler)
@@ -17,6 +19,9 @@ done
 if [ "${1:-}" = "--test" ] && ! command -v kubectl >/dev/null; then
   missing+=(kubernetes-client)
 fi
+reinstall=()
+read -r -a reinstall <<<"${HANGWATCH_REINSTALL:-}"
+missing+=("${reinstall[@]}")
 
 install_python_tools() {
   # Offline schema validation of the manifests (bundled schemas, no cluster needed).
@@ -45,5 +50,5 @@ if [ ! -e "$policy" ]; then
   trap 'rm -f "$policy"' EXIT
 fi
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends ${reinstall[@]:+--reinstall} "${missing[@]}" >/dev/null
 install_python_tools "${1:-}"

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod heartbeat;
 pub mod http;
 pub mod metrics;
+pub mod persist;
 pub mod process;
 pub mod signal;
 pub mod sources;

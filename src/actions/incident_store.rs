@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
 
 use crate::engine::incidents::Incident;
+use crate::persist::{self, StateKind};
 
 /// Read every incident in `dir`. Unreadable files are logged and skipped: a corrupt file
 /// must not stop the daemon.
@@ -78,13 +79,17 @@ fn file_name(id: &str) -> String {
     format!("{safe}.json")
 }
 
+/// Failures are counted in `hangwatch_state_write_failures_total{kind="incident"}`; the
+/// incident stays served from memory, and its next change writes it whole again.
 fn write(dir: &Path, incident: &Incident, keep: usize) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| {
+        persist::count_failure(StateKind::Incident);
+        format!("create {}: {e}", dir.display())
+    })?;
     let json = serde_json::to_vec_pretty(incident).map_err(|e| e.to_string())?;
     let path = dir.join(file_name(&incident.id));
-    let temporary = path.with_extension("json.tmp");
-    fs::write(&temporary, json).map_err(|e| format!("write {}: {e}", temporary.display()))?;
-    fs::rename(&temporary, &path).map_err(|e| format!("rename {}: {e}", path.display()))?;
+    persist::write_atomically(&path, &json, StateKind::Incident)
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
     prune(dir, keep);
     Ok(())
 }

@@ -9,8 +9,12 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+mod bounds;
+
 use crate::domain::Runtime;
 use crate::sources::runtime::verdict::RuntimeState;
+use bounds::Problem;
+pub use bounds::{MAX_CONFIG_BYTES, is_dns_subdomain};
 
 /// The commented default configuration, printed by `hangwatch config default`.
 pub const DEFAULT_YAML: &str = include_str!("default.yaml");
@@ -394,8 +398,8 @@ impl Config {
             config.validate()?;
             return Ok(config);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            message: format!("cannot read config file {}: {e}", path.display()),
+        let text = read_bounded(path).map_err(|message| ConfigError {
+            message: format!("cannot read config file {}: {message}", path.display()),
         })?;
         Config::parse(&text).map_err(|e| ConfigError {
             message: format!("{}: {}", path.display(), e.message),
@@ -422,79 +426,100 @@ impl Config {
                 }
             })?
         };
-        config.validate()?;
-        Ok(config)
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let lines = key_lines(text);
+        Err(ConfigError {
+            message: problems
+                .iter()
+                .map(|p| match lines.get(p.key.as_str()) {
+                    Some(line) => format!("line {line} (key `{}`): {}", p.key, p.message),
+                    None => format!("key `{}`: {}", p.key, p.message),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
-    /// Checks that span keys: each error names the keys involved.
+    /// Every problem in the configuration, joined: each names its key and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let p = &self.probes;
-        let positive = [
-            ("evaluate_interval", self.evaluate_interval),
-            ("probes.interval", p.interval),
-            ("probes.stall_threshold", p.stall_threshold),
-            ("probes.deadline", p.deadline),
-            ("proc_scan.interval", self.proc_scan.interval),
-            ("proc_scan.read_deadline", self.proc_scan.read_deadline),
-            ("kernel_log.retry_initial", self.kernel_log.retry_initial),
-            (
-                "kernel_log.syslog_poll_interval",
-                self.kernel_log.syslog_poll_interval,
-            ),
-            ("dumps.wait", self.dumps.wait),
-        ];
-        for (key, value) in positive {
-            if value.is_zero() {
-                problems.push(format!("{key} must be greater than 0"));
-            }
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                message: problems
+                    .iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            })
         }
+    }
+
+    /// Bounds of every key and checks that span keys (see `bounds.rs` for the ranges).
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = bounds::check(self);
+        let p = &self.probes;
         if p.slow_threshold > p.stall_threshold {
-            problems.push("probes.slow_threshold must not exceed probes.stall_threshold".into());
+            problems.push(Problem::new(
+                "probes.slow_threshold",
+                "probes.slow_threshold must not exceed probes.stall_threshold",
+            ));
         }
         if p.stall_threshold >= p.deadline {
-            problems.push(
+            problems.push(Problem::new(
+                "probes.stall_threshold",
                 "probes.stall_threshold must be shorter than probes.deadline (a stall is declared \
-                 while the probe is still in flight)"
-                    .into(),
-            );
+                 while the probe is still in flight)",
+            ));
         }
         if self.kernel_log.retry_max < self.kernel_log.retry_initial {
-            problems.push(
-                "kernel_log.retry_max must not be shorter than kernel_log.retry_initial".into(),
-            );
-        }
-        if self.kernel_log.recent_events == 0 {
-            problems.push("kernel_log.recent_events must be at least 1".into());
-        }
-        if self.lifecycle.recent_stops == 0 {
-            problems.push("lifecycle.recent_stops must be at least 1".into());
+            problems.push(Problem::new(
+                "kernel_log.retry_max",
+                "kernel_log.retry_max must not be shorter than kernel_log.retry_initial",
+            ));
         }
         for (index, ns) in self.containerd.namespaces.iter().enumerate() {
             if ns.is_empty()
+                || ns.len() > bounds::MAX_NAMESPACE_LEN
                 || !ns
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             {
-                problems.push(format!(
-                    "containerd.namespaces[{index}] `{ns}` is not a valid containerd namespace"
+                problems.push(Problem::new(
+                    "containerd.namespaces",
+                    format!(
+                        "containerd.namespaces[{index}] `{}` is not a valid containerd namespace \
+                         (1 to {} of a-z, A-Z, 0-9, `.`, `_`, `-`)",
+                        bounds::excerpt(ns),
+                        bounds::MAX_NAMESPACE_LEN
+                    ),
                 ));
             }
         }
         for (index, state) in self.dumps.trigger_states.iter().enumerate() {
             if !RuntimeState::TRIGGERS.contains(state) {
-                problems.push(format!(
-                    "dumps.trigger_states[{index}] `{}` is not one of slow, wedged, hung, down",
-                    state.as_str()
+                problems.push(Problem::new(
+                    "dumps.trigger_states",
+                    format!(
+                        "dumps.trigger_states[{index}] `{}` is not one of slow, wedged, hung, down",
+                        state.as_str()
+                    ),
                 ));
             }
         }
         for (index, rule) in self.kernel_log.rules.iter().enumerate() {
             if let Err(e) = regex::Regex::new(&rule.pattern) {
-                problems.push(format!(
-                    "kernel_log.rules[{index}] `{}`: pattern does not compile: {}",
-                    rule.name,
-                    first_line_of(&e.to_string())
+                problems.push(Problem::new(
+                    "kernel_log.rules",
+                    format!(
+                        "kernel_log.rules[{index}] `{}`: pattern does not compile: {}",
+                        bounds::excerpt(&rule.name),
+                        first_line_of(&e.to_string())
+                    ),
                 ));
             }
         }
@@ -504,15 +529,15 @@ impl Config {
             .parse::<tracing_subscriber::filter::LevelFilter>()
             .is_err()
         {
-            problems.push(format!("log.level `{}` is not a log level", self.log.level));
+            problems.push(Problem::new(
+                "log.level",
+                format!(
+                    "log.level `{}` is not a log level (error, warn, info, debug, trace)",
+                    bounds::excerpt(&self.log.level)
+                ),
+            ));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                message: problems.join("; "),
-            })
-        }
+        problems
     }
 
     /// The node name: configured, else `$NODE_NAME`, else the hostname.
@@ -531,7 +556,14 @@ impl Config {
         if let Ok(name) = std::env::var("NODE_NAME")
             && !name.is_empty()
         {
-            return name;
+            if is_dns_subdomain(&name) {
+                return name;
+            }
+            tracing::warn!(
+                node_name = %bounds::excerpt(&name),
+                bytes = name.len(),
+                "$NODE_NAME is not a node name (a DNS subdomain of at most 253 characters): using the hostname"
+            );
         }
         hostname::get()
             .ok()
@@ -579,6 +611,60 @@ fn key_path_at_line(text: &str, line: usize) -> Option<String> {
     }
     path.reverse();
     Some(path.join("."))
+}
+
+/// The line (1-based) of every key of a block-style YAML document, by dotted path, in one
+/// pass: the first occurrence of each path wins.
+fn key_lines(text: &str) -> std::collections::HashMap<String, usize> {
+    let mut lines = std::collections::HashMap::new();
+    let mut stack: Vec<(usize, &str)> = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some(key) = key_of(line) else { continue };
+        let indent = indentation(line);
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key));
+        let path = stack.iter().map(|(_, k)| *k).collect::<Vec<_>>().join(".");
+        lines.entry(path).or_insert(index + 1);
+    }
+    lines
+}
+
+/// Read a config file only if it is a regular file, and at most [`MAX_CONFIG_BYTES`]: a FIFO
+/// is opened without blocking and refused, `/dev/zero` is refused before any read.
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let metadata = file.metadata().map_err(|e| e.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file".into());
+    }
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "{} bytes: larger than the {MAX_CONFIG_BYTES} bytes a configuration may have",
+            metadata.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells a file that grew after the check.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "larger than the {MAX_CONFIG_BYTES} bytes a configuration may have"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".into())
 }
 
 fn indentation(line: &str) -> usize {

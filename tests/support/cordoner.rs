@@ -65,6 +65,10 @@ impl Cordoner {
         cordoner
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -50,7 +50,7 @@ impl CordonerMetrics {
         );
         registry.register(
             "hangwatch_cordoner_webhook_requests",
-            "Webhook requests, by result (ok, unauthorized, bad_request, api_error)",
+            "Webhook requests, by result (ok, unauthorized, bad_request, too_large, body_timeout, busy, api_error)",
             webhook_requests_total.clone(),
         );
         registry.register(

@@ -9,25 +9,35 @@ mod nodes;
 pub mod plan;
 pub mod webhook;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 
 use metrics::{CordonerMetrics, ResultLabels};
 use nodes::{Limits, Nodes, Outcome};
 
 /// Alertmanager sends at most a few hundred alerts per notification; 1 MiB is plenty.
 const MAX_BODY: usize = 1024 * 1024;
+/// Bodies read at once: Alertmanager sends one notification at a time per group; more than
+/// this in flight is a flood, answered 503 without reading.
+const MAX_BODY_READS: usize = 8;
+/// A body not received within this is abandoned (a slow sender holds no permit longer).
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Repeated warnings (rejected calls) are written at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// Per node and action, at most this many alerts are listed in the reply.
+const MAX_RESULTS_PER_NODE: usize = 100;
 /// Where the token is read from when `--token-file` is not given.
 const TOKEN_ENV: &str = "HANGWATCH_CORDONER_TOKEN";
 
@@ -67,8 +77,11 @@ struct Cordoner {
     limits: Limits,
     nodes: Nodes,
     metrics: Arc<CordonerMetrics>,
-    /// One alert at a time per replica: the cap check and the cordon are not atomic.
+    /// One node at a time per replica: the cap check and the cordon are not atomic.
     busy: Mutex<()>,
+    body_reads: Semaphore,
+    unauthorized_log: LogLimiter,
+    bad_request_log: LogLimiter,
 }
 
 /// Read the token, reach the API server's configuration, serve until SIGTERM/SIGINT.
@@ -102,12 +115,14 @@ pub async fn run(options: Options) -> Result<(), String> {
         ),
         metrics,
         busy: Mutex::new(()),
+        body_reads: Semaphore::new(MAX_BODY_READS),
+        unauthorized_log: LogLimiter::new(),
+        bad_request_log: LogLimiter::new(),
     });
     let app = Router::new()
         .route("/webhook", post(receive))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(serve_metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(cordoner);
     let mut termination = hangwatch::daemon::Termination::new()?;
     let listener = hangwatch::http::bind(options.listen).await?;
@@ -152,18 +167,61 @@ fn reply(
     (status, axum::Json(body)).into_response()
 }
 
+/// Read a request body of at most [`MAX_BODY`] within [`BODY_DEADLINE`], holding one of the
+/// [`MAX_BODY_READS`] permits; `Err` is the response that refuses it.
+async fn read_body(cordoner: &Cordoner, body: Body) -> Result<Bytes, Response> {
+    let Ok(_permit) = cordoner.body_reads.try_acquire() else {
+        return Err(reply(
+            cordoner,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            json!({"error": "too many webhook bodies in flight; Alertmanager retries"}),
+        ));
+    };
+    match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let error = e.into_inner();
+            let (status, result, message) = if error.is::<http_body_util::LengthLimitError>() {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("bodies over {MAX_BODY} bytes are refused"),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("body not read: {error}"),
+                )
+            };
+            Err(reply(cordoner, status, result, json!({"error": message})))
+        }
+        Err(_) => Err(reply(
+            cordoner,
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            json!({"error": format!("body not received within {BODY_DEADLINE:?}")}),
+        )),
+    }
+}
+
 /// Alertmanager retries a notification on a 5xx: an API failure answers 500 so the alert
-/// comes again; refusals (cap, rate limit) are decisions and answer 200.
-async fn receive(
-    State(cordoner): State<Arc<Cordoner>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let authorization = headers
+/// comes again; refusals (cap, rate limit) are decisions and answer 200. The token is
+/// checked from the headers before any of the body is read.
+async fn receive(State(cordoner): State<Arc<Cordoner>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let authorization = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !webhook::authorized(authorization, &cordoner.token) {
-        tracing::warn!("webhook call without the right bearer token rejected");
+        if let Some(suppressed) = cordoner.unauthorized_log.allow() {
+            tracing::warn!(
+                suppressed_since_last = suppressed,
+                "webhook call without the right bearer token rejected (counted in hangwatch_cordoner_webhook_requests_total{{result=\"unauthorized\"}})"
+            );
+        }
         return reply(
             &cordoner,
             StatusCode::UNAUTHORIZED,
@@ -171,10 +229,16 @@ async fn receive(
             json!({"error": "unauthorized"}),
         );
     }
+    let body = match read_body(&cordoner, body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     let parsed = match webhook::parse(&body) {
         Ok(parsed) => parsed,
         Err(e) => {
-            tracing::warn!(error = %e, "webhook payload rejected");
+            if let Some(suppressed) = cordoner.bad_request_log.allow() {
+                tracing::warn!(error = %e, suppressed_since_last = suppressed, "webhook payload rejected");
+            }
             return reply(
                 &cordoner,
                 StatusCode::BAD_REQUEST,
@@ -194,35 +258,42 @@ async fn receive(
     }
     let mut results = Vec::new();
     let mut failed = false;
-    for intent in &parsed.intents {
-        let _one_at_a_time = cordoner.busy.lock().await;
-        let (action, result) = if intent.firing {
-            (
-                "cordon",
-                cordoner
-                    .nodes
-                    .cordon(&intent.node, &intent.alert, &cordoner.limits)
-                    .await,
-            )
-        } else {
-            (
-                "release",
-                cordoner.nodes.release(&intent.node, &intent.alert).await,
-            )
-        };
-        let outcome = match result {
-            Ok(outcome) => {
-                log_outcome(action, intent, outcome);
-                outcome.as_str()
+    for node in webhook::per_node(&parsed.intents) {
+        for (action, alerts) in [
+            (Action::Cordon, &node.firing),
+            (Action::Release, &node.resolved),
+        ] {
+            if alerts.is_empty() {
+                continue;
             }
-            Err(e) => {
-                tracing::error!(node = %intent.node, alert = %intent.alert, action, error = %e, "Kubernetes API call failed; Alertmanager will retry");
-                failed = true;
-                "api_error"
+            let _one_at_a_time = cordoner.busy.lock().await;
+            let result = match action {
+                Action::Cordon => {
+                    cordoner
+                        .nodes
+                        .cordon(&node.node, alerts, &cordoner.limits)
+                        .await
+                }
+                Action::Release => cordoner.nodes.release(&node.node, alerts).await,
+            };
+            let outcome = match result {
+                Ok(outcome) => {
+                    log_outcome(action, &node.node, alerts, outcome);
+                    outcome.as_str()
+                }
+                Err(e) => {
+                    tracing::error!(node = %node.node, alerts = alerts.len(), action = action.as_str(), error = %e, "Kubernetes API call failed; Alertmanager will retry");
+                    failed = true;
+                    "api_error"
+                }
+            };
+            for _ in alerts {
+                cordoner.metrics.decision(action.as_str(), outcome);
             }
-        };
-        cordoner.metrics.decision(action, outcome);
-        results.push(json!({"node": intent.node, "alert": intent.alert, "action": action, "outcome": outcome}));
+            for alert in alerts.iter().take(MAX_RESULTS_PER_NODE) {
+                results.push(json!({"node": node.node, "alert": alert, "action": action.as_str(), "outcome": outcome}));
+            }
+        }
     }
     let body = json!({"dry_run": cordoner.dry_run, "results": results});
     if failed {
@@ -237,13 +308,59 @@ async fn receive(
     }
 }
 
-fn log_outcome(action: &str, intent: &webhook::Intent, outcome: Outcome) {
-    let (node, alert, outcome_name) = (&intent.node, &intent.alert, outcome.as_str());
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Cordon,
+    Release,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Cordon => "cordon",
+            Action::Release => "release",
+        }
+    }
+}
+
+/// At most one line per [`LOG_EVERY`] for a repeated warning; the rest are counted and the
+/// count is given on the next line.
+struct LogLimiter {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimiter {
+    fn new() -> LogLimiter {
+        LogLimiter {
+            last: std::sync::Mutex::new(None),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+fn log_outcome(action: Action, node: &str, alerts: &BTreeSet<String>, outcome: Outcome) {
+    let (action, outcome_name, count) = (action.as_str(), outcome.as_str(), alerts.len());
+    let alert = alerts.first().map(String::as_str).unwrap_or_default();
     match outcome {
         Outcome::RefusedCap | Outcome::RefusedRate => {
-            tracing::warn!(%node, %alert, action, outcome = outcome_name, "cordon refused by the safety limits")
+            tracing::warn!(%node, %alert, alerts = count, action, outcome = outcome_name, "cordon refused by the safety limits")
         }
-        Outcome::Unchanged => tracing::debug!(%node, %alert, action, outcome = outcome_name),
-        _ => tracing::info!(%node, %alert, action, outcome = outcome_name),
+        Outcome::Unchanged => {
+            tracing::debug!(%node, %alert, alerts = count, action, outcome = outcome_name)
+        }
+        _ => tracing::info!(%node, %alert, alerts = count, action, outcome = outcome_name),
     }
 }

@@ -2,6 +2,7 @@
 //! write is a merge patch conditional on the resourceVersion read (409 → read again), so two
 //! replicas, or a human editing the node meanwhile, never lose each other's changes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -183,18 +184,19 @@ impl Nodes {
         }
     }
 
-    /// Cordon and taint `name` for `alert`, within the cap and the rate limit.
+    /// Cordon and taint `name` for `alerts` (one patch for all), within the cap and the
+    /// rate limit.
     pub async fn cordon(
         &self,
         name: &str,
-        alert: &str,
+        alerts: &BTreeSet<String>,
         limits: &Limits,
     ) -> Result<Outcome, ApiError> {
         for _ in 0..CONFLICT_ATTEMPTS {
             let Some(node) = self.get(name).await? else {
                 return Ok(Outcome::NodeNotFound);
             };
-            if node.cordoned_by_hangwatch() && node.cordon_alerts().contains(alert) {
+            if node.cordoned_by_hangwatch() && node.cordon_alerts().is_superset(alerts) {
                 return Ok(Outcome::Unchanged);
             }
             let joins = node.cordoned_by_hangwatch();
@@ -220,7 +222,10 @@ impl Nodes {
                 None
             };
             match self
-                .patch(name, &plan::cordon_patch(&node, alert, SystemTime::now()))
+                .patch(
+                    name,
+                    &plan::cordon_patch_for(&node, alerts, SystemTime::now()),
+                )
                 .await?
             {
                 PatchResult::Conflict => continue,
@@ -273,13 +278,17 @@ impl Nodes {
         Err(ApiError::Conflicts)
     }
 
-    /// Take `alert` off `name`'s cordon; undo the cordon when no alert holds it any more.
-    pub async fn release(&self, name: &str, alert: &str) -> Result<Outcome, ApiError> {
+    /// Take `alerts` off `name`'s cordon; undo the cordon when no alert holds it any more.
+    pub async fn release(
+        &self,
+        name: &str,
+        alerts: &BTreeSet<String>,
+    ) -> Result<Outcome, ApiError> {
         for _ in 0..CONFLICT_ATTEMPTS {
             let Some(node) = self.get(name).await? else {
                 return Ok(Outcome::NodeNotFound);
             };
-            let (patch, outcome) = match plan::release(&node, alert) {
+            let (patch, outcome) = match plan::release_all(&node, alerts) {
                 Release::NotOurs => return Ok(Outcome::Unchanged),
                 Release::StillHeld(patch) => (patch, Outcome::Released),
                 Release::Undo(patch) => (patch, Outcome::Uncordoned),

@@ -91,12 +91,13 @@ impl NodeView {
     }
 }
 
-/// Merge patch that cordons and taints `node` for `alert`, or adds `alert` to a cordon
-/// hangwatch already holds. `resourceVersion` makes it conditional: a node changed since it
-/// was read gives 409 Conflict, and the caller reads it again.
-pub fn cordon_patch(node: &NodeView, alert: &str, now: SystemTime) -> Value {
+/// Merge patch that cordons and taints `node` for the alerts of `adding`, or adds them to a
+/// cordon hangwatch already holds. `resourceVersion` makes it conditional: a node changed
+/// since it was read gives 409 Conflict, and the caller reads it again. All at once: a
+/// notification's alerts for one node take one patch.
+pub fn cordon_patch_for(node: &NodeView, adding: &BTreeSet<String>, now: SystemTime) -> Value {
     let mut alerts = node.cordon_alerts();
-    alerts.insert(alert.to_string());
+    alerts.extend(adding.iter().cloned());
     let alerts = alerts.into_iter().collect::<Vec<_>>().join(",");
     let mut annotations = json!({ CORDONED_BY: ME, CORDON_ALERTS: alerts });
     if !node.cordoned_by_hangwatch() {
@@ -130,12 +131,15 @@ pub enum Release {
     Undo(Value),
 }
 
-pub fn release(node: &NodeView, alert: &str) -> Release {
+/// What resolving the alerts of `resolved` does to `node`, all at once.
+pub fn release_all(node: &NodeView, resolved: &BTreeSet<String>) -> Release {
     if !node.cordoned_by_hangwatch() {
         return Release::NotOurs;
     }
     let mut alerts = node.cordon_alerts();
-    if !alerts.remove(alert) {
+    let before = alerts.len();
+    alerts.retain(|a| !resolved.contains(a));
+    if alerts.len() == before {
         return Release::NotOurs;
     }
     if !alerts.is_empty() {
@@ -224,6 +228,14 @@ pub fn cap(total_nodes: usize, max_nodes: Option<usize>, max_percent: f64) -> us
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn cordon_patch(node: &NodeView, alert: &str, now: SystemTime) -> Value {
+        cordon_patch_for(node, &BTreeSet::from([alert.to_string()]), now)
+    }
+
+    fn release(node: &NodeView, alert: &str) -> Release {
+        release_all(node, &BTreeSet::from([alert.to_string()]))
+    }
 
     fn node(value: Value) -> NodeView {
         NodeView::from_json(&value).expect("node")

@@ -1,6 +1,6 @@
 //! Alertmanager's webhook (payload version 4) turned into what to do to which node (pure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
@@ -114,19 +114,40 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
     Ok(parsed)
 }
 
+/// What a notification asks of one node: its alerts collapsed, so that any number of
+/// alerts for a node costs one cordon and one release at most.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeIntents {
+    pub node: String,
+    pub firing: BTreeSet<String>,
+    pub resolved: BTreeSet<String>,
+}
+
+/// Group `intents` by node; an alert listed twice counts as its last status.
+pub fn per_node(intents: &[Intent]) -> Vec<NodeIntents> {
+    let mut latest: BTreeMap<(&str, &str), bool> = BTreeMap::new();
+    for intent in intents {
+        latest.insert((&intent.node, &intent.alert), intent.firing);
+    }
+    let mut nodes: BTreeMap<&str, NodeIntents> = BTreeMap::new();
+    for ((node, alert), firing) in latest {
+        let entry = nodes.entry(node).or_insert_with(|| NodeIntents {
+            node: node.to_string(),
+            ..NodeIntents::default()
+        });
+        if firing {
+            entry.firing.insert(alert.to_string());
+        } else {
+            entry.resolved.insert(alert.to_string());
+        }
+    }
+    nodes.into_values().collect()
+}
+
 /// A Kubernetes object name (RFC 1123 subdomain): anything else cannot be a node, and is
 /// never put into an API path.
 fn is_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
+    hangwatch::config::is_dns_subdomain(name)
 }
 
 /// Whether an `Authorization` header carries `token`, compared in constant time.
@@ -194,6 +215,26 @@ mod tests {
         assert!(parse(br#"{"version":"4"}"#).is_err(), "alerts are required");
         let odd = HUNG.replace(r#""status":"firing""#, r#""status":"pending""#);
         assert!(parse(&payload(&odd)).unwrap_err().contains("pending"));
+    }
+
+    #[test]
+    fn alerts_collapse_per_node_with_the_last_status() {
+        let intent = |node: &str, alert: &str, firing| Intent {
+            node: node.into(),
+            alert: alert.into(),
+            firing,
+        };
+        let mut intents: Vec<Intent> = (0..10_000)
+            .map(|i| intent("node-1", &format!("A:{i}"), true))
+            .collect();
+        intents.push(intent("node-2", "B", true));
+        intents.push(intent("node-2", "B", false));
+        let nodes = per_node(&intents);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].firing.len(), 10_000);
+        assert!(nodes[0].resolved.is_empty());
+        assert!(nodes[1].firing.is_empty());
+        assert_eq!(nodes[1].resolved, BTreeSet::from(["B".to_string()]));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! or for the syslog(2) source the newest timestamp read and hashes of the records at it.
 //! Both are only meaningful within one boot, hence the boot id.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::reader::StartPosition;
 use super::syslog::TimestampMark;
+use crate::persist::{self, StateKind};
 
 pub const POSITION_FILE: &str = "kmsg.position";
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -108,15 +109,9 @@ pub fn start_position(saved: Option<&SavedPosition>, boot_id: Option<&str>) -> S
     }
 }
 
-/// Replace `path` whole or not at all: write a temporary file beside it, sync, rename.
+/// Replace `path` whole or not at all (see [`crate::persist::write_atomically`]).
 pub fn write_atomically(path: &Path, contents: &str) -> io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
+    persist::write_atomically(path, contents.as_bytes(), StateKind::KernelPosition)
 }
 
 /// Run blocking file I/O off the async threads, giving up after [`IO_DEADLINE`].
@@ -133,17 +128,76 @@ async fn blocking_io<T: Send + 'static>(
     }
 }
 
-/// The detector's handle on the position file. Problems are logged once; after one, the
-/// position is no longer kept and every start is from the end.
+/// Write `contents` to `file` (creating `state_dir`); when that fails, empty the file that
+/// is there, so that a restart does not resume from a position older than what was counted.
+/// Emptying needs no space, so it works on a full filesystem; not on a read-only one.
+fn save(state_dir: &Path, file: &Path, contents: &str) -> SaveResult {
+    let written = std::fs::create_dir_all(state_dir)
+        .inspect_err(|_| persist::count_failure(StateKind::KernelPosition))
+        .and_then(|()| write_atomically(file, contents));
+    match written {
+        Ok(()) => SaveResult::Saved,
+        Err(error) => {
+            let invalidated = match std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(file)
+            {
+                Ok(_) => Invalidated::Emptied,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Invalidated::NoneSaved,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Invalidated::NoneSaved,
+                Err(_) => Invalidated::Kept,
+            };
+            SaveResult::Failed { error, invalidated }
+        }
+    }
+}
+
+/// What became of the saved position after a failed write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invalidated {
+    /// Emptied: a restart starts at the end.
+    Emptied,
+    /// There was none to invalidate.
+    NoneSaved,
+    /// Could not be emptied (read-only filesystem): a restart that finds the state directory
+    /// still unwritable starts at the end; one after it healed resumes from the old position.
+    Kept,
+}
+
+#[derive(Debug)]
+enum SaveResult {
+    Saved,
+    Failed {
+        error: io::Error,
+        invalidated: Invalidated,
+    },
+}
+
+/// A save started off the async threads, and the position it saves.
+#[derive(Debug)]
+struct InFlight {
+    position: Position,
+    handle: JoinHandle<SaveResult>,
+}
+
+/// The detector's handle on the position file. A failed write is counted
+/// (`hangwatch_state_write_failures_total{kind="kernel_position"}`), invalidates the saved
+/// position, and is retried every [`RETRY_INTERVAL`] until one succeeds.
 #[derive(Debug)]
 pub struct PositionStore {
     state_dir: PathBuf,
     boot_id: Option<String>,
-    disabled: bool,
-    saved: Option<Position>,
-    last_save: Option<Instant>,
-    in_flight: Option<JoinHandle<io::Result<()>>>,
+    /// The position the file holds, as far as this process knows.
+    written: Option<Position>,
+    last_attempt: Option<Instant>,
+    /// Failed writes in a row: logged at the first, and when writing works again.
+    failed_in_a_row: u64,
+    in_flight: Option<InFlight>,
 }
+
+/// While writes fail, how often one is tried again.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 impl PositionStore {
     /// Reads the boot id; without one, positions are neither loaded nor saved.
@@ -163,10 +217,10 @@ impl PositionStore {
         };
         PositionStore {
             state_dir: state_dir.to_path_buf(),
-            disabled: boot_id.is_none(),
             boot_id,
-            saved: None,
-            last_save: None,
+            written: None,
+            last_attempt: None,
+            failed_in_a_row: 0,
             in_flight: None,
         }
     }
@@ -175,48 +229,70 @@ impl PositionStore {
         self.state_dir.join(POSITION_FILE)
     }
 
-    /// Where to start reading, from the saved position.
+    /// Where to start reading, from the saved position. A saved position is only trusted
+    /// when the state directory can be written now: the same position is written back, and
+    /// if that fails, records after it may have been counted while writes were failing.
     pub async fn start_position(&mut self) -> StartPosition {
-        if self.disabled {
+        let Some(boot_id) = self.boot_id.clone() else {
             return StartPosition::End;
-        }
+        };
         let file = self.file();
-        let saved = match blocking_io(move || std::fs::read_to_string(file)).await {
-            Ok(text) => {
-                let saved = SavedPosition::parse(&text);
-                if saved.is_none() {
-                    tracing::warn!(path = %self.file().display(), "kernel log position file is unreadable: starting at the end");
-                }
-                saved
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        let text = match blocking_io(move || std::fs::read_to_string(file)).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return StartPosition::End,
             Err(e) => {
-                self.disable(&e);
-                None
+                tracing::warn!(path = %self.file().display(), error = %e, "cannot read the kernel log position: starting at the end");
+                return StartPosition::End;
             }
         };
-        self.saved = saved.as_ref().map(|s| s.position.clone());
-        start_position(saved.as_ref(), self.boot_id.as_deref())
+        if text.is_empty() {
+            tracing::warn!(path = %self.file().display(), "the kernel log position was invalidated by a failed write (records after it may have been counted): starting at the end");
+            return StartPosition::End;
+        }
+        let Some(saved) = SavedPosition::parse(&text) else {
+            tracing::warn!(path = %self.file().display(), "kernel log position file is unreadable: starting at the end");
+            return StartPosition::End;
+        };
+        let resume = start_position(Some(&saved), Some(&boot_id));
+        if resume == StartPosition::End {
+            return resume;
+        }
+        let (state_dir, file) = (self.state_dir.clone(), self.file());
+        let contents = saved.render();
+        let checked = tokio::task::spawn_blocking(move || save(&state_dir, &file, &contents));
+        match tokio::time::timeout(IO_DEADLINE, checked).await {
+            Ok(Ok(SaveResult::Saved)) => {
+                self.written = Some(saved.position);
+                resume
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Ok(SaveResult::Failed { error, .. })) => error.to_string(),
+                    Ok(Err(join)) => join.to_string(),
+                    _ => format!("no answer within {IO_DEADLINE:?}"),
+                };
+                self.failed_in_a_row = 1;
+                self.last_attempt = Some(Instant::now());
+                tracing::warn!(
+                    path = %self.file().display(),
+                    %error,
+                    "the state directory is not writable: the saved kernel log position may be older than records already counted, starting at the end"
+                );
+                StartPosition::End
+            }
+        }
     }
 
-    fn disable(&mut self, error: &io::Error) {
-        tracing::warn!(
-            path = %self.file().display(),
-            error = %error,
-            "cannot keep the kernel log position: after a restart, reading starts at the end"
-        );
-        self.disabled = true;
-    }
-
-    /// Save `position` if it moved, at most once per [`SAVE_INTERVAL`] and never with a
-    /// write still in flight.
+    /// Save `position` if it moved, at most once per [`SAVE_INTERVAL`] (per
+    /// [`RETRY_INTERVAL`] while writes fail) and never with a write still in flight.
     pub async fn save_throttled(&mut self, position: Option<&Position>) {
         self.reap().await;
-        if self.in_flight.is_some()
-            || self
-                .last_save
-                .is_some_and(|at| at.elapsed() < SAVE_INTERVAL)
-        {
+        let interval = if self.failed_in_a_row > 0 {
+            RETRY_INTERVAL
+        } else {
+            SAVE_INTERVAL
+        };
+        if self.in_flight.is_some() || self.last_attempt.is_some_and(|at| at.elapsed() < interval) {
             return;
         }
         self.start_save(position);
@@ -224,12 +300,12 @@ impl PositionStore {
 
     /// Save `position` now and wait (within the I/O deadline) for it to be written.
     pub async fn save_now(&mut self, position: Option<&Position>) {
-        if let Some(handle) = self.in_flight.take() {
-            self.finish(handle).await;
+        if let Some(in_flight) = self.in_flight.take() {
+            self.finish(in_flight).await;
         }
         self.start_save(position);
-        if let Some(handle) = self.in_flight.take() {
-            self.finish(handle).await;
+        if let Some(in_flight) = self.in_flight.take() {
+            self.finish(in_flight).await;
         }
     }
 
@@ -237,7 +313,7 @@ impl PositionStore {
         let (Some(position), Some(boot_id)) = (position, self.boot_id.clone()) else {
             return;
         };
-        if self.disabled || self.saved.as_ref() == Some(position) {
+        if self.written.as_ref() == Some(position) {
             return;
         }
         let state_dir = self.state_dir.clone();
@@ -247,34 +323,65 @@ impl PositionStore {
             position: position.clone(),
         }
         .render();
-        self.saved = Some(position.clone());
-        self.last_save = Some(Instant::now());
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&state_dir)?;
-            write_atomically(&file, &contents)
-        }));
+        self.last_attempt = Some(Instant::now());
+        self.in_flight = Some(InFlight {
+            position: position.clone(),
+            handle: tokio::task::spawn_blocking(move || save(&state_dir, &file, &contents)),
+        });
     }
 
     /// Collect a finished write's result without waiting for an unfinished one.
     async fn reap(&mut self) {
-        if self.in_flight.as_ref().is_some_and(JoinHandle::is_finished)
-            && let Some(handle) = self.in_flight.take()
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.handle.is_finished())
+            && let Some(in_flight) = self.in_flight.take()
         {
-            self.finish(handle).await;
+            self.finish(in_flight).await;
         }
     }
 
-    async fn finish(&mut self, handle: JoinHandle<io::Result<()>>) {
-        let result = match tokio::time::timeout(IO_DEADLINE, handle).await {
+    async fn finish(&mut self, in_flight: InFlight) {
+        let result = match tokio::time::timeout(IO_DEADLINE, in_flight.handle).await {
             Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(io::Error::other(join)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("write not done within {IO_DEADLINE:?}"),
-            )),
+            Ok(Err(join)) => SaveResult::Failed {
+                error: io::Error::other(join),
+                invalidated: Invalidated::Kept,
+            },
+            Err(_) => SaveResult::Failed {
+                error: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("write not done within {IO_DEADLINE:?}"),
+                ),
+                invalidated: Invalidated::Kept,
+            },
         };
-        if let Err(e) = result {
-            self.disable(&e);
+        match result {
+            SaveResult::Saved => {
+                if self.failed_in_a_row > 0 {
+                    tracing::info!(
+                        path = %self.file().display(),
+                        failed_writes = self.failed_in_a_row,
+                        "the kernel log position is saved again"
+                    );
+                }
+                self.failed_in_a_row = 0;
+                self.written = Some(in_flight.position);
+            }
+            SaveResult::Failed { error, invalidated } => {
+                self.written = None;
+                self.failed_in_a_row += 1;
+                if self.failed_in_a_row == 1 {
+                    tracing::warn!(
+                        path = %self.file().display(),
+                        %error,
+                        saved_position = ?invalidated,
+                        retry_every = ?RETRY_INTERVAL,
+                        "cannot save the kernel log position: retrying; a restart meanwhile starts at the end"
+                    );
+                }
+            }
         }
     }
 }
@@ -370,7 +477,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unwritable_state_dir_disables_saving_without_failing() {
+    async fn unwritable_state_dir_is_retried_and_counted_without_failing() {
         let dir = temp_dir("unwritable");
         std::fs::create_dir_all(&dir).unwrap();
         let boot = dir.join("boot_id");
@@ -378,12 +485,32 @@ mod tests {
         // A regular file where the state directory should be: no directory can be made there.
         let state = dir.join("not-a-dir");
         std::fs::write(&state, "").unwrap();
+        let before = persist::failures(StateKind::KernelPosition);
         let mut store = PositionStore::open(&state, &boot).await;
         assert_eq!(store.start_position().await, StartPosition::End);
         store.save_now(Some(&Position::Seq(5))).await;
-        assert!(store.disabled);
-        store.save_throttled(Some(&Position::Seq(6))).await;
-        assert!(store.in_flight.is_none());
+        assert_eq!(store.failed_in_a_row, 1);
+        assert!(persist::failures(StateKind::KernelPosition) > before);
+        // Healed: the next save succeeds and is trusted at the next start.
+        std::fs::remove_file(&state).unwrap();
+        store.save_now(Some(&Position::Seq(6))).await;
+        assert_eq!(store.failed_in_a_row, 0);
+        let mut again = PositionStore::open(&state, &boot).await;
+        assert_eq!(again.start_position().await, StartPosition::AfterSeq(6));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_invalidated_position_starts_at_the_end() {
+        let dir = temp_dir("invalidated");
+        std::fs::create_dir_all(&dir).unwrap();
+        let boot = dir.join("boot_id");
+        std::fs::write(&boot, "boot-1\n").unwrap();
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join(POSITION_FILE), "").unwrap();
+        let mut store = PositionStore::open(&state, &boot).await;
+        assert_eq!(store.start_position().await, StartPosition::End);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
