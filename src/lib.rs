@@ -12,6 +12,8 @@ pub mod detectors;
 pub mod engine;
 pub mod heartbeat;
 pub mod http;
+pub mod http_server;
 pub mod metrics;
+pub mod output;
 pub mod signal;
 pub mod triage;

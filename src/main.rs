@@ -115,15 +115,21 @@ fn main() -> ExitCode {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            init_logging(&config.log);
-            serve(hangwatch::daemon::run(config))
+            let flush = init_logging(&config.log);
+            raise_open_files_limit();
+            let code = serve(hangwatch::daemon::run(config));
+            drop(flush);
+            code
         }
         Command::Cordoner(options) => {
-            init_logging(&LogConfig {
+            let flush = init_logging(&LogConfig {
                 format: options.log_format,
                 ..LogConfig::default()
             });
-            serve(hangwatch::cordoner::run(options))
+            raise_open_files_limit();
+            let code = serve(hangwatch::cordoner::run(options));
+            drop(flush);
+            code
         }
         Command::Check { config, format } => {
             let config = match load(config.as_deref()) {
@@ -149,12 +155,12 @@ fn main() -> ExitCode {
 }
 
 /// Run a long-lived server (the daemon, the cordoner) until it stops; exit 2 when it fails.
+/// The error goes to the log only: a direct write to stderr could block on a full pipe.
 fn serve(server: impl Future<Output = Result<(), String>>) -> ExitCode {
     match runtime().and_then(|rt| rt.block_on(server)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("hangwatch: {e}");
             ExitCode::from(EXIT_UNUSABLE)
         }
     }
@@ -204,14 +210,64 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-fn init_logging(log: &LogConfig) {
+/// Logging for the long-lived servers, through the non-blocking writer
+/// (`hangwatch::output`); panics are logged through it too, since the default panic message
+/// is a direct write to stderr. The returned value flushes queued lines when dropped.
+fn init_logging(log: &LogConfig) -> Option<hangwatch::output::FlushOnExit> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let (writer, flush) = match hangwatch::output::stderr() {
+        Ok((writer, flush)) => (Some(writer), Some(flush)),
+        Err(e) => {
+            eprintln!("hangwatch: cannot start the log writer, logging directly to stderr: {e}");
+            (None, None)
+        }
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match (log.format, writer) {
+        (LogFormat::Json, Some(writer)) => builder.json().with_writer(writer).init(),
+        (LogFormat::Text, Some(writer)) => builder.with_writer(writer).init(),
+        (LogFormat::Json, None) => builder.json().with_writer(std::io::stderr).init(),
+        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
+    }
+    if flush.is_some() {
+        std::panic::set_hook(Box::new(|info| {
+            let backtrace = std::backtrace::Backtrace::capture();
+            if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+                tracing::error!(%backtrace, "{info}");
+            } else {
+                tracing::error!("{info}");
+            }
+        }));
+    }
+    flush
+}
+
+/// Raise the soft limit on open files to the hard limit: many runtimes start containers with
+/// a soft limit of 1024, which connections, the /proc scan and state files share.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let describe = |value: Option<u64>| value.map_or("unlimited".to_string(), |v| v.to_string());
+    if limit.current == limit.maximum {
+        tracing::info!(open_files_limit = %describe(limit.current), "open-file limit is the hard limit");
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            open_files_limit = %describe(limit.maximum),
+            raised_from = %describe(limit.current),
+            "open-file limit raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            open_files_limit = %describe(limit.current),
+            hard_limit = %describe(limit.maximum),
+            error = %e,
+            "cannot raise the open-file limit to the hard limit"
+        ),
     }
 }
