@@ -162,6 +162,7 @@ impl Metrics {
 
         let build_info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
         registry.register("hangwatch_build", "hangwatch build information", build_info);
+        crate::http::register_server_metrics(&mut registry);
 
         let mut m = Metrics {
             runtime_up: Family::default(),
