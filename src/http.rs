@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Snapshot;
 use crate::heartbeat::Heartbeats;
+use crate::http_server::ConnectionLimits;
 use crate::metrics::{
     CLASSIC_CONTENT_TYPE, Metrics, OPENMETRICS_CONTENT_TYPE, openmetrics_to_classic,
     wants_openmetrics,
@@ -38,20 +39,38 @@ pub fn router(readers: Readers) -> Router {
         .with_state(readers)
 }
 
+/// Connections the kernel may hold for accept: a burst of connections (a flood, or many
+/// clients at once) overflowing the default would drop SYNs, and a dropped SYN costs the
+/// client a 1 s retransmission however fast the server is. Capped by `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
 /// Bind `addr`; the error names the address so a port clash is obvious.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    bound().map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
 pub async fn serve(listener: TcpListener, readers: Readers, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(readers))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
+    let limits = ConnectionLimits::default();
+    if let Err(e) = crate::http_server::serve(listener, router(readers), limits, shutdown).await {
         tracing::error!(error = %e, "HTTP server failed");
     }
+}
+
+/// Register the metrics of hangwatch's own output and HTTP connections (process-wide) in
+/// `registry`: the daemon's and the cordoner's.
+pub fn register_server_metrics(registry: &mut prometheus_client::registry::Registry) {
+    crate::output::register_metrics(registry);
+    crate::http_server::register_metrics(registry);
 }
 
 async fn metrics(State(readers): State<Readers>, headers: HeaderMap) -> Response {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use hangwatch::check::CheckReport;
 use hangwatch::config::{Config, DEFAULT_YAML};
-use hangwatch::process::{EXIT_UNUSABLE, init_logging, runtime, serve};
+use hangwatch::process::{EXIT_UNUSABLE, run_server, runtime};
 use hangwatch::triage::Triage;
 use serde::Serialize;
 
@@ -110,8 +110,8 @@ fn main() -> ExitCode {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            init_logging(&config.log);
-            serve("hangwatch", hangwatch::daemon::run(config))
+            let log = config.log.clone();
+            run_server(&log, hangwatch::daemon::run(config))
         }
         Command::Check { config, format } => {
             let config = match load(config.as_deref()) {

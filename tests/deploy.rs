@@ -282,3 +282,55 @@ fn alertmanager_route_for_the_cordoner_is_valid() {
     let route = read("deploy/alertmanager/cordoner-route.yaml");
     assert!(route.contains("send_resolved: true") && route.contains("type: Bearer"));
 }
+
+#[test]
+fn network_policies_admit_only_the_monitoring_namespace_to_each_port() {
+    let docs = documents(&kustomize("deploy/base"));
+    let workload = |kind: &str| -> Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind}"))["spec"]["template"]
+            .clone()
+    };
+    for (component, kind, port) in [
+        ("watchdog", "DaemonSet", "metrics"),
+        ("cordoner", "Deployment", "webhook"),
+    ] {
+        let policy = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "NetworkPolicy"
+                    && d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                        == component
+            })
+            .unwrap_or_else(|| panic!("a NetworkPolicy for the {component}"));
+        let selected = policy["spec"]["podSelector"]["matchLabels"]
+            .as_object()
+            .expect("matchLabels");
+        let labels = &workload(kind)["metadata"]["labels"];
+        for (key, value) in selected {
+            assert_eq!(&labels[key], value, "{component}: selects the pods");
+        }
+        assert_eq!(
+            policy["spec"]["policyTypes"],
+            serde_json::json!(["Ingress"])
+        );
+        let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
+        assert_eq!(ingress.len(), 1, "{component}: one rule");
+        assert_eq!(
+            ingress[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+        assert_eq!(
+            ingress[0]["ports"],
+            serde_json::json!([{"port": port, "protocol": "TCP"}])
+        );
+        let ports = workload(kind)["spec"]["containers"][0]["ports"].clone();
+        assert!(
+            ports
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == port)),
+            "{component}: the container names its port {port}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ pub mod cordoner;
 pub mod daemons;
 pub mod fake_apiserver;
 pub mod hangwatch;
+pub mod http_probe;
 pub mod oom;
 pub mod prometheus;
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hangwatch::config::LogConfig;
-use hangwatch::process::{init_logging, serve};
+use hangwatch::process::run_server;
 
 /// Alertmanager webhook that cordons and taints nodes whose alerts ask for it, and undoes
 /// only its own cordons when they resolve. Needs a bearer token and Kubernetes credentials.
@@ -21,9 +21,9 @@ struct Cli {
 
 fn main() -> ExitCode {
     let options = Cli::parse().options;
-    init_logging(&LogConfig {
+    let log = LogConfig {
         format: options.log_format,
         ..LogConfig::default()
-    });
-    serve("hangwatch-cordoner", cordoner::run(options))
+    };
+    run_server(&log, cordoner::run(options))
 }

@@ -43,6 +43,7 @@ impl CordonerMetrics {
         let dry_run_gauge: Gauge = Gauge::default();
         dry_run_gauge.set(i64::from(dry_run));
         let mut registry = Registry::default();
+        hangwatch::http::register_server_metrics(&mut registry);
         registry.register(
             "hangwatch_build",
             "hangwatch build information",

@@ -130,7 +130,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     tracing::info!(%listen, dry_run = options.dry_run, "cordoner listening");
     // A webhook call in flight is bounded by the API deadlines; shutdown does not wait on it.
     tokio::select! {
-        served = axum::serve(listener, app) => served.map_err(|e| format!("HTTP server failed: {e}")),
+        served = hangwatch::http_server::serve(listener, app, Default::default(), Default::default()) => served,
         () = termination.recv() => Ok(()),
     }
 }
