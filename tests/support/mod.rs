@@ -101,12 +101,16 @@ impl Drop for Sysctl {
     }
 }
 
-/// Metric families registered in `src/metrics.rs` and in each source's `metrics.rs` (read as
+/// Metric families registered in `src/metrics.rs`, the process-wide ones (HTTP server, log
+/// output, state writes) and in each source's `metrics.rs` (read as
 /// text: a family with no series yet is not in the encoded output); counters are exposed with
 /// `_total`, histograms with `_bucket`/`_sum`/`_count`, info with `_info`.
 pub fn exported_families() -> std::collections::BTreeSet<String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = vec![src.join("metrics.rs")];
+    let mut files: Vec<_> = ["metrics.rs", "http_server.rs", "output.rs", "persist.rs"]
+        .iter()
+        .map(|f| src.join(f))
+        .collect();
     let sources = std::fs::read_dir(src.join("sources")).expect("read src/sources");
     files.extend(sources.flatten().map(|e| e.path().join("metrics.rs")));
     files
