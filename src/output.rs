@@ -263,7 +263,13 @@ mod tests {
             writer.write_all(b"\n").expect("queue");
         }
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(lines_dropped() - before >= 2_000 - (QUEUE_BYTES + 64 * 1024) as u64 / 1024);
+        // Most of the 2 MB cannot fit; how much got into the pipe before it filled depends on
+        // the pipe's size, so only "lines were dropped" is asserted, with the queue's bound.
+        assert!(
+            lines_dropped() - before >= 500,
+            "{}",
+            lines_dropped() - before
+        );
         let queue = output.shared.lock();
         assert!(queue.bytes <= QUEUE_BYTES);
     }
