@@ -156,17 +156,25 @@ fn restart_counts_nothing_again(state: &Path, dir: &Path, tag: &str, round: u32)
     hw
 }
 
+/// hangwatch on a state dir of its own tmpfs, one record counted and its position saved:
+/// the start of every fault case. Bound in this order so that the tmpfs is unmounted before
+/// the directory is removed.
+fn counting_on_tmpfs(name: &str, tag: &str) -> (TempDir, String, Tmpfs, Hangwatch, u64) {
+    let dir = TempDir::new(name);
+    let tag = format!("{tag}{}", std::process::id());
+    let mount = Tmpfs::mount(&dir.path().join("state"));
+    let hw = start(&mount.0, dir.path());
+    hung_task_record(&tag);
+    wait_counted(&hw, 1.0);
+    let first = wait_saved_beyond(&mount.0, 0);
+    (dir, tag, mount, hw, first)
+}
+
 #[test]
 fn a_full_state_dir_is_counted_and_never_recounted() {
     let _serial = exclusive();
-    let dir = TempDir::new("state-full");
-    let tag = format!("hwfull{}", std::process::id());
-    let mount = Tmpfs::mount(&dir.path().join("state"));
+    let (dir, tag, mount, hw, first) = counting_on_tmpfs("state-full", "hwfull");
     let state = mount.0.clone();
-    let hw = start(&state, dir.path());
-    hung_task_record(&tag);
-    wait_counted(&hw, 1.0);
-    let first = wait_saved_beyond(&state, 0);
 
     let filler = mount.fill();
     for _ in 0..3 {
@@ -199,14 +207,8 @@ fn a_full_state_dir_is_counted_and_never_recounted() {
 #[test]
 fn a_read_only_state_dir_is_retried_until_it_heals() {
     let _serial = exclusive();
-    let dir = TempDir::new("state-ro");
-    let tag = format!("hwro{}", std::process::id());
-    let mount = Tmpfs::mount(&dir.path().join("state"));
+    let (dir, tag, mount, hw, first) = counting_on_tmpfs("state-ro", "hwro");
     let state = mount.0.clone();
-    let hw = start(&state, dir.path());
-    hung_task_record(&tag);
-    wait_counted(&hw, 1.0);
-    let first = wait_saved_beyond(&state, 0);
 
     mount.remount("ro");
     hung_task_record(&tag);

@@ -27,7 +27,7 @@ use crate::sources::lifecycle::stops::{
 };
 use crate::sources::procscan::state::ProcScanView;
 use crate::sources::runtime::verdict::RuntimeState;
-use crate::sources::{Context, Now, Publish, Section, SourceState, json_of, payload_of};
+use crate::sources::{Context, Now, Section, SourceState, json_of, payload_of};
 
 /// Stops listed by `check`.
 const CHECK_RECENT_STOPS: usize = 10;
@@ -95,7 +95,7 @@ pub struct LifecycleState {
     reported: BTreeMap<String, HeldBy>,
     recent: Arc<Vec<StopRecord>>,
     /// Something `/stops` shows changed since [`changed_view`](Self::changed_view).
-    pub changed: bool,
+    changed: bool,
 }
 
 impl LifecycleState {
@@ -424,9 +424,6 @@ impl SourceState for LifecycleSlice {
             .state
             .evaluate(cx.now.wall, &self.metrics, docker, scan.as_deref());
         Self::tell_incidents(told, cx);
-        if self.state.changed {
-            cx.publish(Publish::Soon);
-        }
     }
 
     fn section(&mut self, _now: Now) -> Option<Arc<dyn Section>> {
