@@ -74,6 +74,9 @@ pub enum Evidence {
         comm: Option<String>,
         scope: Scope,
         seconds: Option<u64>,
+        /// The kernel's call trace of the task (frames, innermost first), when it logged one.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        call_trace: Vec<String>,
     },
     KernelEvent {
         #[serde(with = "humantime_serde")]
@@ -620,6 +623,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 pid,
                 scope,
                 seconds,
+                call_trace,
                 ..
             } if *scope == Scope::Runtime => {
                 let comm = comm.as_deref().unwrap_or("?");
@@ -627,7 +631,10 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 let secs = seconds
                     .map(|s| format!(" for more than {s} s"))
                     .unwrap_or_default();
-                parts.push(format!("kernel: task {comm}:{pid} blocked{secs}"));
+                let within = waiting_frame(call_trace)
+                    .map(|f| format!(" in {f}"))
+                    .unwrap_or_default();
+                parts.push(format!("kernel: task {comm}:{pid} blocked{secs}{within}"));
             }
             _ => {}
         }
@@ -683,6 +690,15 @@ pub fn suspected_cause(incident: &Incident) -> String {
         );
     }
     text
+}
+
+/// The innermost frame of a call trace that is not the scheduler's own (`__schedule`,
+/// `schedule_timeout`, ...), without its offsets: where the task waits.
+fn waiting_frame(frames: &[String]) -> Option<&str> {
+    frames
+        .iter()
+        .map(|f| f.split_once('+').map_or(f.as_str(), |(symbol, _)| symbol))
+        .find(|symbol| !symbol.trim_start_matches('_').starts_with("schedule"))
 }
 
 /// "stop of container web (image shop/web:3) stuck for 45 s, SIGKILL sent: held by 2 task(s)
@@ -746,6 +762,20 @@ fn human(seconds: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_waiting_frame_skips_the_scheduler() {
+        let frames: Vec<String> = [
+            "__schedule+0x3dc/0xf60",
+            "schedule+0x23/0xa0",
+            "schedule_preempt_disabled+0x11/0x20",
+            "rwsem_down_read_slowpath+0x293/0x570",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(waiting_frame(&frames), Some("rwsem_down_read_slowpath"));
+        assert_eq!(waiting_frame(&[]), None);
+    }
 
     #[test]
     fn short_path_cuts_by_characters_not_bytes() {

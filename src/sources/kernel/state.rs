@@ -22,6 +22,8 @@ use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_o
 
 /// Kernel events, newest first, shown by `check`.
 const CHECK_RECENT_EVENTS: usize = 10;
+/// Innermost frames of a hung task's call trace shown by `check`.
+const CHECK_TRACE_FRAMES: usize = 8;
 /// An OOM storm must not become a log storm: so many events are logged one by one per
 /// window, the rest summed up in one line when the window ends.
 const LOGGED_EVENTS_PER_WINDOW: u32 = 5;
@@ -392,6 +394,11 @@ fn kernel_evidence(event: &KernelEvent, at: SystemTime) -> Evidence {
             comm: event.fields.comm.clone(),
             scope,
             seconds: event.fields.seconds,
+            call_trace: event
+                .call_trace
+                .as_ref()
+                .map(|t| t.frames.clone())
+                .unwrap_or_default(),
         };
     }
     Evidence::KernelEvent {
@@ -489,6 +496,14 @@ impl Section for KernelSection {
                 "  {ago:>5}s ago  {:<14} {}{who}",
                 event.rule, event.message
             );
+            if let Some(trace) = &event.call_trace {
+                let frames = trace.frames.iter().take(CHECK_TRACE_FRAMES);
+                let _ = writeln!(
+                    out,
+                    "                call trace: {}",
+                    frames.cloned().collect::<Vec<_>>().join(" < ")
+                );
+            }
         }
     }
 }

@@ -435,6 +435,11 @@ impl Run {
     /// False when the engine is gone.
     async fn on_tick(&mut self) -> bool {
         self.ctx.heartbeat.beat();
+        if let Some(event) = self.pipeline.flush_stale()
+            && !self.deliver(event).await
+        {
+            return false;
+        }
         if !self.flush_counters().await {
             return false;
         }
