@@ -311,11 +311,12 @@ fn a_hung_detail_read_never_hangs_the_scan() {
             // The rest of the scan went on with a fresh reader.
             assert_eq!(stuck.wchan.as_deref(), Some("folio_wait_bit_common"));
         } else {
-            // At the cap: wchan and stack are not attempted.
+            // At the cap: wchan, stack and the wait chain are not attempted.
             assert_eq!(
                 (stuck.wchan.as_deref(), report.errors.detail_skipped),
-                (None, 2)
+                (None, 3)
             );
+            assert_eq!(stuck.wait, None);
         }
     }
     let start = Instant::now();

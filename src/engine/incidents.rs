@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::actions::dumps::{DumpOutcome, DumpRecord};
-use crate::domain::{OomConstraint, OomVictim, Runtime, RuntimeKind, Scope};
+use crate::domain::{OomConstraint, OomVictim, Runtime, RuntimeKind, Scope, WaitClass};
 use crate::sources::lifecycle::stops::HeldBy;
 
 /// Evidence older than this before a stall opens is not attached to it.
@@ -94,6 +94,11 @@ pub enum Evidence {
         wchan: Option<String>,
         seconds: f64,
         container: Option<String>,
+        /// What it waits on, classified, and the chain in one phrase.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<WaitClass>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waits_on: Option<String>,
     },
     StuckRuntimeProcess {
         #[serde(with = "humantime_serde")]
@@ -671,6 +676,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 human(seconds)
             ));
         }
+        parts.extend(wait_chains(&stuck));
     }
     parts.extend(incident.evidence.iter().filter_map(stuck_stop_cause));
     for dump in &incident.dumps {
@@ -690,6 +696,44 @@ pub fn suspected_cause(incident: &Incident) -> String {
         );
     }
     text
+}
+
+/// Chains stated in the cause, one per distinct chain: more would bury the first.
+const CAUSE_CHAINS: usize = 3;
+
+/// "dd (container web) blocked 70 s on block I/O to /dev/loop0, whose backing file is ...":
+/// what the stuck tasks wait on, the longest-stuck first.
+fn wait_chains(stuck: &[&Evidence]) -> Vec<String> {
+    let mut chains: Vec<(f64, String, String)> = Vec::new();
+    for evidence in stuck {
+        let Evidence::StuckTask {
+            comm,
+            scope,
+            container,
+            seconds,
+            waits_on: Some(waits_on),
+            ..
+        } = evidence
+        else {
+            continue;
+        };
+        let whose = container
+            .as_ref()
+            .map(|c| format!("container {c}"))
+            .unwrap_or_else(|| scope.as_str().to_string());
+        let sentence = format!("{comm} ({whose}) blocked {} on {waits_on}", human(*seconds));
+        match chains.iter_mut().find(|(_, _, chain)| chain == waits_on) {
+            Some(known) if known.0 >= *seconds => {}
+            Some(known) => *known = (*seconds, sentence, waits_on.clone()),
+            None => chains.push((*seconds, sentence, waits_on.clone())),
+        }
+    }
+    chains.sort_by(|a, b| b.0.total_cmp(&a.0));
+    chains
+        .into_iter()
+        .take(CAUSE_CHAINS)
+        .map(|(_, sentence, _)| sentence)
+        .collect()
 }
 
 /// The innermost frame of a call trace that is not the scheduler's own (`__schedule`,
@@ -978,6 +1022,8 @@ pub(crate) mod tests {
                 wchan: Some("kernel_clone".into()),
                 seconds,
                 container: Some("web".into()),
+                wait: Some(WaitClass::BlockIo),
+                waits_on: Some("block I/O to /dev/loop0, whose backing file is /m/data".into()),
             });
         }
         let incident = b.open_incident(Runtime::Docker).expect("open");
@@ -986,6 +1032,13 @@ pub(crate) mod tests {
             incident
                 .suspected_cause
                 .contains("1 task(s) of container web in D state in kernel_clone up to 50 s"),
+            "{}",
+            incident.suspected_cause
+        );
+        assert!(
+            incident.suspected_cause.contains(
+                "app (container web) blocked 50 s on block I/O to /dev/loop0, whose backing file is /m/data"
+            ),
             "{}",
             incident.suspected_cause
         );
