@@ -140,19 +140,22 @@ impl WaitChain {
     /// served by pid 7 stall_fuse (stopped); 1 FUSE request waiting)".
     pub fn describe(&self) -> String {
         let mut text = self.class.describe().to_string();
-        match (&self.block_device, &self.file) {
-            (Some(device), _) => text.push_str(&format!(" to /dev/{}", device.name)),
-            (None, Some(file)) => text.push_str(&format!(" on {file}")),
-            (None, None) => {}
+        match (&self.block_device, &self.mount, &self.file) {
+            (Some(device), None, _) => text.push_str(&format!(" to /dev/{}", device.name)),
+            (_, _, Some(file)) => text.push_str(&format!(" on {file}")),
+            _ => {}
         }
         let mut details = Vec::new();
-        if let Some(device) = &self.block_device {
-            details.extend(device.describe());
-        }
-        if let Some(mount) = &self.mount
-            && self.block_device.is_none()
-        {
+        if let Some(mount) = &self.mount {
             details.push(mount.describe());
+        }
+        if let Some(device) = &self.block_device {
+            let about = device.describe();
+            match &self.mount {
+                Some(_) if about.is_empty() => details.push(format!("on /dev/{}", device.name)),
+                Some(_) => details.push(format!("on /dev/{}: {}", device.name, about.join(", "))),
+                None => details.extend(about),
+            }
         }
         if !self.holders.is_empty() {
             let holders: Vec<String> = self
@@ -302,10 +305,17 @@ pub fn resolve(request: &ChainRequest) -> WaitChain {
             .mnt_id
             .and_then(|id| mounts.iter().find(|m| m.id == id))
             .or_else(|| mount_of_path(&mounts, &target.path));
-        if let Some(dev) = block_dev_of(&request.roots.sys_root, &target.path) {
-            chain.block_device = Some(block_device(&request.roots.sys_root, &dev, &mounts));
-        } else {
-            chain.mount = mount.map(|m| m.to_mount(&request.roots.sys_root));
+        let sys_root = &request.roots.sys_root;
+        if let Some(dev) = block_dev_of(sys_root, &target.path) {
+            chain.block_device = Some(block_device(sys_root, &dev, &mounts));
+        } else if let Some(mount) = mount {
+            // A filesystem on a block device: the device its I/O waits on.
+            let on_device = !mount.dev.starts_with("0:")
+                && sys_root.join("dev/block").join(&mount.dev).exists();
+            if on_device {
+                chain.block_device = Some(block_device(sys_root, &mount.dev, &mounts));
+            }
+            chain.mount = Some(mount.to_mount(sys_root));
         }
         chain.file = Some(target.path);
     }
