@@ -414,6 +414,22 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
     );
     assert!(trace.frames.len() <= kernel::MAX_TRACE_FRAMES);
 
+    // `hangwatch check` prints both: the chain from /proc, the trace from the kernel log.
+    let out = check_report(&fuse.dir);
+    assert!(
+        out.contains(&format!("waits on a kernel lock on {}", other.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("likely held by touch pid {holder}")),
+        "{out}"
+    );
+    assert!(out.contains("[lock]"), "{out}");
+    assert!(
+        out.contains("call trace:") && out.contains("rwsem_down_read_slowpath"),
+        "{out}"
+    );
+
     fuse.resume();
     exits(&mut tasks[0], "touch returns once the daemon answers");
     exits(&mut tasks[1], "stat returns once the lock is free");
@@ -424,6 +440,25 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
             .iter()
             .all(|t| t.pid != waiter as i32 && t.pid != holder as i32)
     );
+}
+
+/// `hangwatch check`'s text, with the runtimes left alone (this test is about the kernel).
+fn check_report(dir: &Path) -> String {
+    let config = dir.join("check.yaml");
+    std::fs::write(
+        &config,
+        "docker:\n  mode: disabled\ncontainerd:\n  mode: disabled\nlifecycle:\n  enabled: false\n",
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_hangwatch"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run hangwatch check");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The printk clock (CLOCK_MONOTONIC), in microseconds.
