@@ -18,6 +18,7 @@ use hangwatch::sources::kernel::detect as kernel;
 use hangwatch::sources::procscan::detect::{ProcScanner, StuckTask, WaitChain, WaitClass};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use support::hangwatch::Hangwatch;
 use support::{KilledOnDrop, Sysctl, helper_binary, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -353,6 +354,18 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
     let _timeout = Sysctl::set("/proc/sys/kernel/hung_task_timeout_secs", "1");
     let _fusectl = Fusectl::ensure();
     let fuse = Fuse::start("lookup");
+    // The daemon, from before the hang: it reads the kernel log from its end.
+    let state = fuse.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let hw = Hangwatch::start(
+        &format!(
+            "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+             lifecycle:\n  enabled: false\nkernel_log:\n  source: kmsg\n\
+             proc_scan:\n  interval: 250ms\n  stuck_after: 0s\n",
+            state.display()
+        ),
+        &fuse.dir,
+    );
     // The create holds the directory's lock while its LOOKUP waits on the stopped daemon.
     let new = fuse.path("new");
     tasks.push(spawn("touch", &[new.to_str().unwrap()]));
@@ -414,6 +427,36 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
     );
     assert!(trace.frames.len() <= kernel::MAX_TRACE_FRAMES);
 
+    // The daemon: /status carries the chain, the metric its class, /events the trace.
+    wait_for("the chain in /status", DEADLINE, || {
+        let status = hw.status_json();
+        let tasks = status["proc_scan"]["stuck_tasks"].as_array()?.clone();
+        let task = tasks.iter().find(|t| t["pid"] == waiter)?;
+        (task["wait"]["class"] == "lock"
+            && task["wait"]["mount"]["fuse"]["daemon"]["pid"] == fuse.pid()
+            && task["wait"]["holders"][0]["pid"] == holder)
+            .then_some(())
+    });
+    let locked = || {
+        hw.metric(
+            "hangwatch_stuck_tasks",
+            &[("scope", "host"), ("wait", "lock")],
+        )
+    };
+    assert!(locked().is_some_and(|n| n >= 1.0));
+    wait_for("the call trace in /events", DEADLINE, || {
+        hw.list("/events").into_iter().find(|e| {
+            e["rule"] == "hung_task"
+                && e["fields"]["pid"] == waiter
+                && e["call_trace"]["frames"].as_array().is_some_and(|f| {
+                    f.iter().any(|f| {
+                        f.as_str()
+                            .is_some_and(|f| f.starts_with("rwsem_down_read_slowpath+"))
+                    })
+                })
+        })
+    });
+
     // `hangwatch check` prints both: the chain from /proc, the trace from the kernel log.
     let out = check_report(&fuse.dir);
     assert!(
@@ -440,6 +483,9 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
             .iter()
             .all(|t| t.pid != waiter as i32 && t.pid != holder as i32)
     );
+    wait_for("the daemon's count clears", DEADLINE, || {
+        (locked() == Some(0.0)).then_some(())
+    });
 }
 
 /// `hangwatch check`'s text, with the runtimes left alone (this test is about the kernel).
