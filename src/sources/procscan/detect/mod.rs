@@ -312,13 +312,21 @@ fn trace_waits(
     } else {
         waits::ScanWide::default()
     };
-    let mut chains: Vec<(i32, i32, String, WaitChain)> = stuck
+    let mut chains: Vec<waits::StuckChain> = stuck
         .iter_mut()
-        .filter_map(|t| Some((t.pid, t.tid, t.comm.clone(), t.wait.take()?)))
+        .filter_map(|t| {
+            Some(waits::StuckChain {
+                pid: t.pid,
+                tid: t.tid,
+                comm: t.comm.clone(),
+                wchan: t.wchan.clone(),
+                chain: t.wait.take()?,
+            })
+        })
         .collect();
     waits::complete(&mut chains, &wide);
     let mut seen = HashMap::new();
-    for (_, tid, _, mut chain) in chains {
+    for waits::StuckChain { tid, mut chain, .. } in chains {
         if let Some(device) = chain.block_device.as_mut()
             && let Some(now) = device.completed_ios
         {

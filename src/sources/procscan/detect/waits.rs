@@ -746,8 +746,8 @@ fn waits_on_server(wchan: &str) -> bool {
 /// every process's descriptors and every task's `wchan`, done only when a chain needs it.
 #[derive(Debug, Default)]
 pub struct ScanWide {
-    /// `/dev/fuse` holders with their command lines.
-    pub fuse_daemons: Vec<(TaskBrief, String)>,
+    /// `/dev/fuse` holders with their command-line arguments.
+    pub fuse_daemons: Vec<(TaskBrief, Vec<String>)>,
     /// Mount `dev` → tasks waiting on its server.
     pub waiters: BTreeMap<String, Vec<Holder>>,
 }
@@ -779,7 +779,7 @@ pub fn scan_wide(request: &ScanWideRequest) -> ScanWide {
         if request.want_fuse_daemons && holds_dev_fuse(&proc_dir) {
             let brief = brief(&proc_dir, pid);
             let cmdline = read_text(&proc_dir.join("cmdline"))
-                .map(|c| c.replace('\0', " "))
+                .map(|c| c.split('\0').map(str::to_string).collect())
                 .unwrap_or_default();
             if let Some(brief) = brief {
                 found.fuse_daemons.push((brief, cmdline));
@@ -875,12 +875,22 @@ fn brief(dir: &Path, pid: i32) -> Option<TaskBrief> {
     })
 }
 
+/// A stuck task's chain with what names the task, while the scan completes the chains.
+#[derive(Debug, Clone)]
+pub struct StuckChain {
+    pub pid: i32,
+    pub tid: i32,
+    pub comm: String,
+    pub wchan: Option<String>,
+    pub chain: WaitChain,
+}
+
 /// Fill in what needs the whole scan: FUSE daemons (the one holder of `/dev/fuse`, or the
 /// one whose command line names the mount point) and lock holders (stuck tasks on the same
 /// mount waiting on something else, and the tasks outside D the wide scan found).
-pub fn complete(chains: &mut [(i32, i32, String, WaitChain)], wide: &ScanWide) {
-    let snapshot: Vec<(i32, i32, String, WaitChain)> = chains.to_vec();
-    for (_, tid, _, chain) in chains.iter_mut() {
+pub fn complete(chains: &mut [StuckChain], wide: &ScanWide) {
+    let snapshot: Vec<StuckChain> = chains.to_vec();
+    for StuckChain { tid, chain, .. } in chains.iter_mut() {
         for mount in chain_mounts(chain) {
             if let Some(fuse) = mount.fuse.as_mut() {
                 fuse.daemon_candidates = wide.fuse_daemons.len();
@@ -889,9 +899,7 @@ pub fn complete(chains: &mut [(i32, i32, String, WaitChain)], wide: &ScanWide) {
                     many => {
                         let named: Vec<&TaskBrief> = many
                             .iter()
-                            .filter(|(_, cmdline)| {
-                                cmdline.split(' ').any(|arg| arg == mount.mount_point)
-                            })
+                            .filter(|(_, args)| args.contains(&mount.mount_point))
                             .map(|(b, _)| b)
                             .collect();
                         match named.as_slice() {
@@ -910,18 +918,18 @@ pub fn complete(chains: &mut [(i32, i32, String, WaitChain)], wide: &ScanWide) {
         };
         let mut holders: Vec<Holder> = snapshot
             .iter()
-            .filter(|(_, other, _, c)| {
-                other != tid
-                    && c.class != WaitClass::Lock
-                    && c.mount.as_ref().is_some_and(|m| m.dev == dev)
+            .filter(|other| {
+                other.tid != *tid
+                    && other.chain.class != WaitClass::Lock
+                    && other.chain.mount.as_ref().is_some_and(|m| m.dev == dev)
             })
-            .map(|(pid, other, comm, c)| Holder {
-                pid: *pid,
-                tid: *other,
-                comm: comm.clone(),
+            .map(|other| Holder {
+                pid: other.pid,
+                tid: other.tid,
+                comm: other.comm.clone(),
                 state: 'D',
-                wchan: None,
-                file: c.file.clone(),
+                wchan: other.wchan.clone(),
+                file: other.chain.file.clone(),
             })
             .collect();
         holders.extend(wide.waiters.get(&dev).into_iter().flatten().cloned());
@@ -1099,5 +1107,98 @@ mod tests {
              /mnt/fuse y served by pid 7 sshfs (stopped); 1 FUSE request(s) waiting; \
              1 request(s) in flight, none completed since the last scan"
         );
+    }
+
+    #[test]
+    fn holders_and_fuse_daemons_need_the_whole_scan() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        let sys = Path::new("/nonexistent");
+        let stuck = |tid: i32, class: WaitClass, mount: &MountEntry, wchan: &str| StuckChain {
+            pid: tid,
+            tid,
+            comm: format!("t{tid}"),
+            wchan: Some(wchan.into()),
+            chain: WaitChain {
+                class,
+                ..chain(Some("/f"), Some(mount.to_mount(sys)))
+            },
+        };
+        let mut chains = vec![
+            stuck(1, WaitClass::Lock, &mounts[2], "walk_component"),
+            stuck(2, WaitClass::FsServer, &mounts[2], "rpc_wait_bit_killable"),
+            stuck(3, WaitClass::FsServer, &mounts[1], "request_wait_answer"),
+        ];
+        let daemon = |pid: i32| TaskBrief {
+            pid,
+            comm: "sshfs".into(),
+            state: 'T',
+            wchan: None,
+        };
+        let mut wide = ScanWide {
+            fuse_daemons: vec![
+                (daemon(70), vec!["lxcfs".into(), "/var/lib/lxcfs".into()]),
+                (
+                    daemon(71),
+                    vec![
+                        "sshfs".into(),
+                        "user@host:/srv".into(),
+                        "/mnt/fuse y".into(),
+                    ],
+                ),
+            ],
+            ..ScanWide::default()
+        };
+        wide.waiters.insert(
+            "0:52".into(),
+            vec![Holder {
+                pid: 9,
+                tid: 9,
+                comm: "touch".into(),
+                state: 'S',
+                wchan: Some("rpc_wait_bit_killable".into()),
+                file: None,
+            }],
+        );
+        complete(&mut chains, &wide);
+        let holders: Vec<(i32, Option<&str>)> = chains[0]
+            .chain
+            .holders
+            .iter()
+            .map(|h| (h.pid, h.wchan.as_deref()))
+            .collect();
+        assert_eq!(
+            holders,
+            [
+                (2, Some("rpc_wait_bit_killable")),
+                (9, Some("rpc_wait_bit_killable"))
+            ]
+        );
+        assert!(
+            chains[1].chain.holders.is_empty(),
+            "only lock waits have holders"
+        );
+        // Two daemons: the one whose arguments name the mount point.
+        let fuse = chains[2]
+            .chain
+            .mount
+            .as_ref()
+            .unwrap()
+            .fuse
+            .as_ref()
+            .unwrap();
+        assert_eq!(fuse.daemon.as_ref().map(|d| d.pid), Some(71));
+        assert_eq!(fuse.daemon_candidates, 2);
+        wide.fuse_daemons.pop();
+        wide.fuse_daemons.push((daemon(72), vec!["other".into()]));
+        complete(&mut chains, &wide);
+        let fuse = chains[2]
+            .chain
+            .mount
+            .as_ref()
+            .unwrap()
+            .fuse
+            .as_ref()
+            .unwrap();
+        assert_eq!(fuse.daemon, None, "not guessed");
     }
 }
