@@ -50,6 +50,7 @@ impl Pipeline {
         self.last_seq = Some(record.seq);
         if record.facility != FACILITY_KERN && !self.accept_non_kernel {
             self.counters.ignored_non_kernel += 1;
+            self.traces.pass(record);
             return Vec::new();
         }
         let mut events = Vec::new();

@@ -92,6 +92,16 @@ impl TraceCapture {
         }
     }
 
+    /// A record the rules do not see (another facility), which may come between a report's
+    /// records: not part of the report, and no gap either.
+    pub fn pass(&mut self, record: &Record) {
+        if let Some(open) = self.open.as_mut()
+            && record.seq == open.last_seq.wrapping_add(1)
+        {
+            open.last_seq = record.seq;
+        }
+    }
+
     /// Release the held event if it was already held at the previous call: its trace, if
     /// any, would have come within microseconds of its report.
     pub fn flush_stale(&mut self) -> Option<KernelEvent> {
@@ -115,6 +125,10 @@ impl TraceCapture {
             return self.flush();
         }
         open.last_seq = record.seq;
+        if record.facility != open.event.facility {
+            // Someone else's record between the report's (the report's are all the kernel's).
+            return None;
+        }
         open.records += 1;
         let line = record.message.trim();
         match part_of(line, open.phase) {
@@ -335,6 +349,30 @@ mod tests {
         let released = p.flush_stale().unwrap();
         assert_eq!(released.call_trace, None);
         assert!(p.flush_stale().is_none());
+    }
+
+    #[test]
+    fn records_of_another_facility_inside_a_report_are_stepped_over() {
+        let mut p = pipeline();
+        let mut lines = REPORT.to_vec();
+        lines.insert(8, "14,508,359358851,-;systemd-journald[1]: user record");
+        let renumbered: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (head, rest) = l.split_once(';').unwrap();
+                let mut fields: Vec<&str> = head.split(',').collect();
+                let seq = (500 + i).to_string();
+                fields[1] = &seq;
+                format!("{};{rest}", fields.join(","))
+            })
+            .collect();
+        let refs: Vec<&str> = renumbered.iter().map(String::as_str).collect();
+        let events = feed(&mut p, &refs);
+        assert_eq!(events.len(), 1);
+        let trace = events[0].call_trace.as_ref().unwrap();
+        assert_eq!(trace.frames.len(), 5);
+        assert!(!trace.truncated);
     }
 
     #[test]
