@@ -529,6 +529,32 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn a_hung_task_keeps_its_call_trace_as_evidence() {
+        let mut pipeline =
+            detect::Pipeline::new(&crate::config::KernelLogConfig::default(), &[]).unwrap();
+        let lines = [
+            "3,1,1,-;INFO: task dockerd:812 blocked for more than 120 seconds.",
+            "6,2,2,-;task:dockerd state:D stack:0 pid:812 tgid:800 ppid:1 flags:0x0",
+            "6,3,3,-;Call Trace:",
+            "6,4,4,-; __schedule+0x3dc/0xf60",
+            "6,5,5,-; __mutex_lock+0x1/0x2",
+            "6,6,6,-; </TASK>",
+        ];
+        let events: Vec<KernelEvent> = lines
+            .iter()
+            .flat_map(|l| pipeline.process(&detect::parse_record(l.as_bytes()).unwrap()))
+            .collect();
+        let Evidence::HungTask { call_trace, .. } = kernel_evidence(&events[0], SystemTime::now())
+        else {
+            panic!("not a hung task: {events:?}");
+        };
+        assert_eq!(
+            call_trace,
+            ["__schedule+0x3dc/0xf60", "__mutex_lock+0x1/0x2"]
+        );
+    }
+
+    #[test]
     fn a_recent_timestamp_is_close_to_now_and_an_old_one_is_earlier() {
         let since_boot = Duration::from(
             nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock"),

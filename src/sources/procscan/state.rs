@@ -325,8 +325,13 @@ impl Section for ProcScanSection {
                 .filter(|t| t.scope == Scope::Runtime)
                 .map(|t| {
                     let wchan = t.wchan.as_deref().unwrap_or("?");
+                    let on = t
+                        .wait
+                        .as_ref()
+                        .map(|w| format!(", waiting on {}", w.describe()))
+                        .unwrap_or_default();
                     format!(
-                        "runtime task {} pid {} tid {} in D ({wchan})",
+                        "runtime task {} pid {} tid {} in D ({wchan}){on}",
                         t.comm, t.pid, t.tid
                     )
                 }),
