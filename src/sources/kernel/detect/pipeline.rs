@@ -82,6 +82,11 @@ impl Pipeline {
         self.traces.flush_stale()
     }
 
+    /// The seq of the hung-task record held for its call trace.
+    pub fn held_seq(&self) -> Option<u64> {
+        self.traces.held_seq()
+    }
+
     /// The event held for its call trace, if any, at the end of the records read.
     pub fn flush(&mut self) -> Option<KernelEvent> {
         self.traces.flush()

@@ -113,6 +113,11 @@ impl TraceCapture {
         self.flush()
     }
 
+    /// The seq of the held event's record.
+    pub fn held_seq(&self) -> Option<u64> {
+        self.open.as_ref().map(|open| open.event.seq)
+    }
+
     /// Release the held event now (the end of what `check` reads).
     pub fn flush(&mut self) -> Option<KernelEvent> {
         self.open.take().map(OpenReport::release)
@@ -345,6 +350,7 @@ mod tests {
         assert!(events[0].call_trace.as_ref().unwrap().truncated);
 
         assert!(feed(&mut p, &REPORT[..3]).is_empty());
+        assert_eq!(p.held_seq(), Some(500));
         assert!(p.flush_stale().is_none());
         let released = p.flush_stale().unwrap();
         assert_eq!(released.call_trace, None);
