@@ -127,6 +127,7 @@ impl ProcScanner {
         let mut details = Details {
             runner: &mut self.runner,
             errors: &mut errors,
+            mounts: waits::MountTables::default(),
         };
         let mut found = classify_d_tasks(
             &self.settings,
@@ -258,6 +259,7 @@ fn classify_d_tasks(
             .run({
                 let request = waits::ChainRequest {
                     roots: settings.roots(),
+                    mounts: details.mounts.clone(),
                     pid: task.pid,
                     tid: task.tid,
                     wchan: wchan.clone(),
@@ -298,6 +300,7 @@ fn trace_waits(
     let chains = || stuck.iter().filter_map(|t| t.wait.as_ref());
     let request = waits::ScanWideRequest {
         roots: settings.roots(),
+        mounts: details.mounts.clone(),
         want_fuse_daemons: chains().any(waits::needs_fuse_daemon),
         lock_mounts: chains()
             .filter_map(waits::lock_mount)
@@ -496,6 +499,8 @@ impl Settings {
 struct Details<'a> {
     runner: &'a mut DeadlineRunner,
     errors: &'a mut ScanErrors,
+    /// Mount tables read by this scan's wait chains.
+    mounts: waits::MountTables,
 }
 
 impl Details<'_> {

@@ -9,20 +9,23 @@
 //! FUSE file would wait on the daemon too): the file's mount comes from
 //! `/proc/<pid>/fdinfo/<n>` (`mnt_id`) or from its path, devices from sysfs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 pub use crate::domain::WaitClass;
 
-use super::files::{read_c_string, read_link, read_text};
+use super::files::{read_c_string, read_link, read_text, read_text_up_to};
 
 /// Holders listed per lock wait, and FUSE daemon candidates examined.
 const MAX_HOLDERS: usize = 8;
 /// Tasks examined when looking for tasks waiting on a mount (a bound on one job's work).
 const MAX_TASKS_SEARCHED: usize = 65_536;
+/// Bound on one mount table: thousands of mounts on a busy Kubernetes node.
+const MOUNTINFO_LIMIT: u64 = 8 * 1024 * 1024;
 /// Frames of the kernel stack that say where a task waits (the rest is how it got there).
 const WAIT_FRAMES: usize = 4;
 
@@ -269,9 +272,39 @@ pub fn state_name(state: char) -> &'static str {
     }
 }
 
+/// The mount tables read in one scan, by mount namespace: with many stuck tasks, each table
+/// is read and parsed once. The lock is never held while reading.
+#[derive(Debug, Clone, Default)]
+pub struct MountTables(Arc<Mutex<HashMap<String, Arc<Vec<MountEntry>>>>>);
+
+impl MountTables {
+    fn of(&self, proc_dir: &Path) -> Arc<Vec<MountEntry>> {
+        let namespace = read_link(&proc_dir.join("ns/mnt")).ok();
+        let cached = namespace.as_ref().and_then(|ns| {
+            self.0
+                .lock()
+                .ok()
+                .and_then(|tables| tables.get(ns).cloned())
+        });
+        if let Some(table) = cached {
+            return table;
+        }
+        let table = Arc::new(
+            read_text_up_to(&proc_dir.join("mountinfo"), MOUNTINFO_LIMIT)
+                .map(|t| parse_mountinfo(&t))
+                .unwrap_or_default(),
+        );
+        if let (Some(ns), Ok(mut tables)) = (namespace, self.0.lock()) {
+            tables.insert(ns, table.clone());
+        }
+        table
+    }
+}
+
 /// Everything one stuck task's chain needs, owned so it can run on a reader thread.
 pub struct ChainRequest {
     pub roots: Roots,
+    pub mounts: MountTables,
     pub pid: i32,
     pub tid: i32,
     pub wchan: Option<String>,
@@ -285,9 +318,7 @@ pub fn resolve(request: &ChainRequest) -> WaitChain {
     let syscall = read_text(&task_dir.join("syscall"))
         .ok()
         .and_then(|t| parse_syscall(&t));
-    let mounts = read_text(&proc_dir.join("mountinfo"))
-        .map(|t| parse_mountinfo(&t))
-        .unwrap_or_default();
+    let mounts = request.mounts.of(&proc_dir);
     let mut chain = WaitChain {
         class: WaitClass::Unknown,
         syscall: syscall.as_ref().map(|s| s.nr),
@@ -438,7 +469,7 @@ fn target_of(proc_dir: &Path, syscall: &Syscall) -> Option<Target> {
 
 /// One line of `mountinfo`.
 #[derive(Debug, Clone, PartialEq)]
-struct MountEntry {
+pub struct MountEntry {
     id: u64,
     dev: String,
     mount_point: String,
@@ -754,6 +785,7 @@ pub struct ScanWide {
 
 pub struct ScanWideRequest {
     pub roots: Roots,
+    pub mounts: MountTables,
     pub want_fuse_daemons: bool,
     /// Mount devs whose lock waiters need holders.
     pub lock_mounts: Vec<String>,
@@ -820,11 +852,7 @@ pub fn scan_wide(request: &ScanWideRequest) -> ScanWide {
             let Some(target) = target_of(&proc_dir, &syscall) else {
                 continue;
             };
-            let mounts = mounts.get_or_insert_with(|| {
-                read_text(&proc_dir.join("mountinfo"))
-                    .map(|t| parse_mountinfo(&t))
-                    .unwrap_or_default()
-            });
+            let mounts = mounts.get_or_insert_with(|| request.mounts.of(&proc_dir));
             let mount = target
                 .mnt_id
                 .and_then(|id| mounts.iter().find(|m| m.id == id))
