@@ -227,15 +227,13 @@ fn block_io_to_a_loop_device_over_a_stopped_fuse_daemon() {
     ));
     let dd = tasks[0].0.id();
     let mut scanner = scanner();
+    // Until the loop worker's write has reached the daemon and stopped it.
     let task = stuck_with(&mut scanner, dd, "dd stuck on the loop device", |c| {
         c.block_device
             .as_ref()
-            .is_some_and(|d| d.inflight.is_some())
-            && c.block_device
-                .as_ref()
-                .and_then(|d| d.backing_mount.as_ref())
-                .and_then(|m| m.fuse.as_ref())
-                .is_some_and(|f| f.daemon.is_some())
+            .and_then(|d| d.backing_mount.as_ref())
+            .and_then(|m| m.fuse.as_ref())
+            .is_some_and(|f| f.daemon.as_ref().is_some_and(|d| d.state == 'T'))
     });
     assert!(fuse.is_stopped());
     let chain = task.wait.as_ref().unwrap();
