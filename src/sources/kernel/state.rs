@@ -540,10 +540,11 @@ mod tests {
             "6,5,5,-; __mutex_lock+0x1/0x2",
             "6,6,6,-; </TASK>",
         ];
-        let events: Vec<KernelEvent> = lines
+        let mut events: Vec<KernelEvent> = lines
             .iter()
             .flat_map(|l| pipeline.process(&detect::parse_record(l.as_bytes()).unwrap()))
             .collect();
+        events.extend(pipeline.flush());
         let Evidence::HungTask { call_trace, .. } = kernel_evidence(&events[0], SystemTime::now())
         else {
             panic!("not a hung task: {events:?}");

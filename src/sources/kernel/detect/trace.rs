@@ -31,6 +31,10 @@ pub struct CallTrace {
     pub frames: Vec<String>,
     /// Frames were dropped at the bounds, or the report was cut by lost records.
     pub truncated: bool,
+    /// The kernel's guess at the lock's holder, when it makes one (6.x with
+    /// `CONFIG_DETECT_HUNG_TASK_BLOCKER`): `INFO: task stat:16425 <reader> blocked on an
+    /// rw-semaphore likely owned by task touch:16407 <writer>`.
+    pub blocker: Option<String>,
 }
 
 /// Holds at most one hung-task event while its trace arrives.
@@ -57,6 +61,8 @@ enum Phase {
     Header,
     /// After `Call Trace:`.
     Frames,
+    /// After the trace's end: the line naming the lock's likely holder may follow.
+    Ended,
 }
 
 /// What a record is to an open report.
@@ -65,6 +71,7 @@ enum Part {
     Task,
     TraceStart,
     Frame,
+    Blocker,
     /// Inside the trace but not a frame: markers, registers, unreliable frames.
     Filler,
     End,
@@ -147,7 +154,11 @@ impl TraceCapture {
             Part::TraceStart => open.phase = Phase::Frames,
             Part::Frame => open.push_frame(line),
             Part::Filler => {}
-            Part::End => return self.flush(),
+            Part::End => open.phase = Phase::Ended,
+            Part::Blocker => {
+                open.trace.blocker = Some(bounded(line, MAX_TRACE_BYTES));
+                return self.flush();
+            }
             Part::Outside => return self.flush(),
         }
         if open.records >= MAX_REPORT_RECORDS {
@@ -191,6 +202,16 @@ impl OpenReport {
 }
 
 fn part_of(line: &str, phase: Phase) -> Part {
+    if phase == Phase::Ended {
+        let names_holder = line.starts_with("INFO: task ")
+            && (line.contains(" likely owned by task ")
+                || line.contains(" likely last held by task "));
+        return if names_holder {
+            Part::Blocker
+        } else {
+            Part::Outside
+        };
+    }
     if phase == Phase::Header {
         return if line.starts_with("task:") {
             Part::Task
@@ -302,9 +323,11 @@ mod tests {
     #[test]
     fn the_report_waits_for_its_trace_and_carries_it() {
         let mut p = pipeline();
-        let (head, rest) = REPORT.split_at(REPORT.len() - 1);
-        assert!(feed(&mut p, head).is_empty(), "held until </TASK>");
-        let events = feed(&mut p, rest);
+        assert!(
+            feed(&mut p, REPORT).is_empty(),
+            "held past </TASK> for a blocker line"
+        );
+        let events = feed(&mut p, &["6,515,359359400,-;eth0: link up"]);
         assert_eq!(events.len(), 1);
         let trace = events[0].call_trace.as_ref().unwrap();
         assert!(
@@ -325,7 +348,34 @@ mod tests {
             ]
         );
         assert!(!trace.truncated);
+        assert_eq!(trace.blocker, None);
         assert_eq!(events[0].fields.pid, Some(16425));
+    }
+
+    #[test]
+    fn the_kernels_guess_at_the_holder_ends_the_report() {
+        let mut p = pipeline();
+        assert!(feed(&mut p, REPORT).is_empty());
+        let events = feed(
+            &mut p,
+            &[
+                "3,515,359359372,-;INFO: task stat:16425 <reader> blocked on an rw-semaphore likely owned by task touch:16407 <writer>",
+                "6,516,359361719,-;task:touch           state:S stack:0     pid:16407 tgid:16407 ppid:16405",
+            ],
+        );
+        assert_eq!(events.len(), 1);
+        let trace = events[0].call_trace.as_ref().unwrap();
+        assert!(
+            trace
+                .blocker
+                .as_deref()
+                .is_some_and(|b| b.ends_with("likely owned by task touch:16407 <writer>"))
+        );
+        assert_eq!(
+            trace.frames.len(),
+            5,
+            "the holder's own trace is not mixed in"
+        );
     }
 
     #[test]
@@ -374,7 +424,8 @@ mod tests {
             })
             .collect();
         let refs: Vec<&str> = renumbered.iter().map(String::as_str).collect();
-        let events = feed(&mut p, &refs);
+        assert!(feed(&mut p, &refs).is_empty());
+        let events: Vec<KernelEvent> = p.flush().into_iter().collect();
         assert_eq!(events.len(), 1);
         let trace = events[0].call_trace.as_ref().unwrap();
         assert_eq!(trace.frames.len(), 5);
@@ -389,6 +440,7 @@ mod tests {
             lines.push(format!("6,{},1,-; frame_{i}+0x1/0x2", 506 + i));
         }
         lines.push("6,606,1,-; </TASK>".into());
+        lines.push("6,607,1,-;eth0: link up".into());
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
         let events = feed(&mut p, &refs);
         let trace = events[0].call_trace.as_ref().unwrap();
