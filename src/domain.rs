@@ -158,3 +158,59 @@ pub mod as_daemon {
             .ok_or_else(|| serde::de::Error::unknown_variant(&name, &["dockerd", "containerd"]))
     }
 }
+
+/// What a stuck task waits on, from /proc and /sys: a small stable set, a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitClass {
+    /// I/O to a block device that does not complete.
+    BlockIo,
+    /// A filesystem server that does not answer: a FUSE daemon, an NFS or CIFS server.
+    FsServer,
+    /// A kernel lock (an inode's rwsem, a mutex) held by another task.
+    Lock,
+    /// The freezer (a task frozen outside a frozen cgroup the scan knows).
+    Freezer,
+    /// A pipe or fifo (runc's exec.fifo) with nobody at the other end.
+    RuntimePipe,
+    /// Memory reclaim or allocation.
+    MemoryReclaim,
+    Unknown,
+}
+
+impl WaitClass {
+    pub const ALL: [WaitClass; 7] = [
+        WaitClass::BlockIo,
+        WaitClass::FsServer,
+        WaitClass::Lock,
+        WaitClass::Freezer,
+        WaitClass::RuntimePipe,
+        WaitClass::MemoryReclaim,
+        WaitClass::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitClass::BlockIo => "block_io",
+            WaitClass::FsServer => "fs_server",
+            WaitClass::Lock => "lock",
+            WaitClass::Freezer => "freezer",
+            WaitClass::RuntimePipe => "runtime_pipe",
+            WaitClass::MemoryReclaim => "memory_reclaim",
+            WaitClass::Unknown => "unknown",
+        }
+    }
+
+    /// How a suspected cause says it: "blocked ... on block I/O".
+    pub fn describe(self) -> &'static str {
+        match self {
+            WaitClass::BlockIo => "block I/O",
+            WaitClass::FsServer => "a filesystem server",
+            WaitClass::Lock => "a kernel lock",
+            WaitClass::Freezer => "the freezer",
+            WaitClass::RuntimePipe => "a pipe",
+            WaitClass::MemoryReclaim => "memory reclaim",
+            WaitClass::Unknown => "an unknown wait",
+        }
+    }
+}

@@ -55,6 +55,13 @@ pub struct ContainerLabels {
     pub namespace: String,
 }
 
+/// A stuck task's scope and what it waits on (`WaitClass`): 3 × 7 series at most.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeWaitLabels {
+    pub scope: &'static str,
+    pub wait: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,

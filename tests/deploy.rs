@@ -71,6 +71,7 @@ fn daemonset_config_is_the_default_with_host_paths() {
     expected.containerd.socket = "/host/run/containerd/containerd.sock".into();
     expected.containerd.stack_dump_dir = "/host/tmp".into();
     expected.proc_scan.cgroup_root = "/host/sys/fs/cgroup".into();
+    expected.proc_scan.sys_root = "/host/sys".into();
     assert_eq!(config, expected);
 }
 

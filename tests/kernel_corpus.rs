@@ -88,21 +88,25 @@ fn run(case: &Case) -> (Vec<KernelEvent>, u64) {
         ..KernelLogConfig::default()
     };
     let mut pipeline = Pipeline::new(&config, &namespaces()).unwrap();
-    let mut events = Vec::new();
+    let mut found = Vec::new();
     for raw in records(&case.file) {
         let record = parse_record(&raw)
             .unwrap_or_else(|e| panic!("{}: {e}: {}", case.file, String::from_utf8_lossy(&raw)));
-        for mut event in pipeline.process(&record) {
-            if Pipeline::hung_task_pid(&event).is_some() {
-                let proc_cgroup = case
-                    .events
-                    .iter()
-                    .find(|x| x.seq == event.seq)
-                    .and_then(|x| x.proc_cgroup.as_deref());
-                pipeline.attribute_hung_task(&mut event, proc_cgroup);
-            }
-            events.push(event);
+        found.extend(pipeline.process(&record));
+    }
+    // A hung task is held for its call trace until a record outside it, or the end.
+    found.extend(pipeline.flush());
+    let mut events = Vec::new();
+    for mut event in found {
+        if Pipeline::hung_task_pid(&event).is_some() {
+            let proc_cgroup = case
+                .events
+                .iter()
+                .find(|x| x.seq == event.seq)
+                .and_then(|x| x.proc_cgroup.as_deref());
+            pipeline.attribute_hung_task(&mut event, proc_cgroup);
         }
+        events.push(event);
     }
     (events, pipeline.take_counters().ignored_non_kernel)
 }

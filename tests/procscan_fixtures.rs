@@ -5,6 +5,9 @@
 //! - `v1-docker`: hybrid cgroups, Docker with cgroupfs, a kubelet cgroupfs pod, a paused
 //!   container, dockerd in D, and a comm that imitates the rest of a stat line.
 //!
+//! - `waits`: what stuck tasks wait on where this machine cannot produce it — an NFS server
+//!   gone, a device-mapper volume over NVMe, an NVMe namespace written directly.
+//!
 //! Files follow the kernel's layouts (`<pid>/task/<tid>/{stat,wchan,stack,cgroup,syscall}`,
 //! `<pid>/fd/*` links, `uptime`; `freezer.state`, `cgroup.events`). They carry no `mem`, as when
 //! hangwatch lacks ptrace access: a blocked open then has no path.
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hangwatch::config::Config;
 use hangwatch::sources::procscan::detect::{
-    Direction, ProcScanner, RuntimeKind, ScanReport, Scope, StuckTask,
+    Direction, ProcScanner, RuntimeKind, ScanReport, Scope, StuckTask, WaitClass,
 };
 
 fn scan(node: &str) -> ScanReport {
@@ -27,6 +30,7 @@ fn scan(node: &str) -> ScanReport {
     let mut config = Config::default();
     config.proc_scan.proc_root = root.join("proc");
     config.proc_scan.cgroup_root = root.join("cgroup");
+    config.proc_scan.sys_root = root.join("sys");
     config.proc_scan.stuck_after = Duration::ZERO;
     let report = ProcScanner::new(&config).scan();
     assert_eq!(report.errors.total(), 0, "{:?}", report.errors);
@@ -311,11 +315,12 @@ fn a_hung_detail_read_never_hangs_the_scan() {
             // The rest of the scan went on with a fresh reader.
             assert_eq!(stuck.wchan.as_deref(), Some("folio_wait_bit_common"));
         } else {
-            // At the cap: wchan and stack are not attempted.
+            // At the cap: wchan, stack and the wait chain are not attempted.
             assert_eq!(
                 (stuck.wchan.as_deref(), report.errors.detail_skipped),
-                (None, 2)
+                (None, 3)
             );
+            assert_eq!(stuck.wait, None);
         }
     }
     let start = Instant::now();
@@ -351,4 +356,64 @@ fn a_hung_detail_read_never_hangs_the_scan() {
     );
     assert_eq!(report.errors.total(), 0);
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn waits_on_an_nfs_server_a_dm_volume_and_an_nvme_namespace() {
+    let report = scan("waits");
+    assert_eq!(report.stuck_tasks.len(), 3);
+
+    let postgres = stuck(&report, 3101).wait.as_ref().unwrap();
+    assert_eq!(postgres.class, WaitClass::FsServer);
+    assert_eq!((postgres.syscall, postgres.fd), (Some(0), Some(5)));
+    let nfs = postgres.mount.as_ref().unwrap();
+    assert_eq!(
+        (
+            nfs.fstype.as_str(),
+            nfs.mount_point.as_str(),
+            nfs.server.as_deref()
+        ),
+        ("nfs4", "/var/lib/pg", Some("10.0.0.5"))
+    );
+    assert_eq!(
+        postgres.block_device, None,
+        "an NFS mount has no block device"
+    );
+    assert_eq!(
+        postgres.describe(),
+        "a filesystem server on /var/lib/pg/base/16384/1259, nfs4 mount /var/lib/pg from server 10.0.0.5"
+    );
+    assert_eq!(
+        postgres.kernel_stack_omitted.as_deref(),
+        Some("not provided by this kernel or gone")
+    );
+
+    let java = stuck(&report, 3201).wait.as_ref().unwrap();
+    assert_eq!(java.class, WaitClass::BlockIo);
+    assert_eq!(java.file.as_deref(), Some("/data/db/commit.log"));
+    let dm = java.block_device.as_ref().unwrap();
+    assert_eq!((dm.name.as_str(), dm.dev.as_str()), ("dm-0", "253:0"));
+    assert_eq!(dm.dm_name.as_deref(), Some("vg0-data"));
+    assert_eq!(dm.slaves, ["nvme0n1"]);
+    assert_eq!(dm.inflight, Some([0, 3]));
+    assert_eq!(
+        java.describe(),
+        "block I/O on /data/db/commit.log, xfs mount /data (/dev/mapper/vg0-data); \
+         on /dev/dm-0: device-mapper vg0-data over nvme0n1, 3 request(s) in flight"
+    );
+
+    let dd = stuck(&report, 3301).wait.as_ref().unwrap();
+    assert_eq!(dd.class, WaitClass::BlockIo);
+    let nvme = dd.block_device.as_ref().unwrap();
+    assert_eq!(nvme.name, "nvme0n1");
+    assert_eq!(nvme.model.as_deref(), Some("Samsung SSD 980 PRO 1TB"));
+    assert_eq!(nvme.serial.as_deref(), Some("S5GXNX0R123456"));
+    assert_eq!(nvme.inflight, Some([0, 12]));
+    assert_eq!(nvme.completed_ios, Some(81234 + 551234));
+    assert_eq!(nvme.progressing, None, "first sighting");
+    assert_eq!(
+        dd.describe(),
+        "block I/O to /dev/nvme0n1, Samsung SSD 980 PRO 1TB serial S5GXNX0R123456; \
+         12 request(s) in flight"
+    );
 }

@@ -295,6 +295,7 @@ pub fn check(c: &Config) -> Vec<Problem> {
 
     let scan = &c.proc_scan;
     path(out, "proc_scan.proc_root", &scan.proc_root, true, MAX_PATH);
+    path(out, "proc_scan.sys_root", &scan.sys_root, true, MAX_PATH);
     path(
         out,
         "proc_scan.cgroup_root",

@@ -183,6 +183,8 @@ pub struct ProcScanConfig {
     pub enabled: bool,
     pub proc_root: PathBuf,
     pub cgroup_root: PathBuf,
+    /// sysfs: block devices (`dev/block`) and FUSE connections (`fs/fuse/connections`).
+    pub sys_root: PathBuf,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -337,6 +339,7 @@ impl Default for ProcScanConfig {
             enabled: true,
             proc_root: "/proc".into(),
             cgroup_root: "/sys/fs/cgroup".into(),
+            sys_root: "/sys".into(),
             interval: secs(10),
             stuck_after: secs(30),
             runc_stuck_after: secs(60),

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::actions::dumps::{DumpOutcome, DumpRecord};
-use crate::domain::{OomConstraint, OomVictim, Runtime, RuntimeKind, Scope};
+use crate::domain::{OomConstraint, OomVictim, Runtime, RuntimeKind, Scope, WaitClass};
 use crate::sources::lifecycle::stops::HeldBy;
 
 /// Evidence older than this before a stall opens is not attached to it.
@@ -74,6 +74,9 @@ pub enum Evidence {
         comm: Option<String>,
         scope: Scope,
         seconds: Option<u64>,
+        /// The kernel's call trace of the task (frames, innermost first), when it logged one.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        call_trace: Vec<String>,
     },
     KernelEvent {
         #[serde(with = "humantime_serde")]
@@ -91,6 +94,11 @@ pub enum Evidence {
         wchan: Option<String>,
         seconds: f64,
         container: Option<String>,
+        /// What it waits on, classified, and the chain in one phrase.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<WaitClass>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waits_on: Option<String>,
     },
     StuckRuntimeProcess {
         #[serde(with = "humantime_serde")]
@@ -620,6 +628,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 pid,
                 scope,
                 seconds,
+                call_trace,
                 ..
             } if *scope == Scope::Runtime => {
                 let comm = comm.as_deref().unwrap_or("?");
@@ -627,7 +636,10 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 let secs = seconds
                     .map(|s| format!(" for more than {s} s"))
                     .unwrap_or_default();
-                parts.push(format!("kernel: task {comm}:{pid} blocked{secs}"));
+                let within = waiting_frame(call_trace)
+                    .map(|f| format!(" in {f}"))
+                    .unwrap_or_default();
+                parts.push(format!("kernel: task {comm}:{pid} blocked{secs}{within}"));
             }
             _ => {}
         }
@@ -664,6 +676,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
                 human(seconds)
             ));
         }
+        parts.extend(wait_chains(&stuck));
     }
     parts.extend(incident.evidence.iter().filter_map(stuck_stop_cause));
     for dump in &incident.dumps {
@@ -683,6 +696,53 @@ pub fn suspected_cause(incident: &Incident) -> String {
         );
     }
     text
+}
+
+/// Chains stated in the cause, one per distinct chain: more would bury the first.
+const CAUSE_CHAINS: usize = 3;
+
+/// "dd (container web) blocked 70 s on block I/O to /dev/loop0, whose backing file is ...":
+/// what the stuck tasks wait on, the longest-stuck first.
+fn wait_chains(stuck: &[&Evidence]) -> Vec<String> {
+    let mut chains: Vec<(f64, String, String)> = Vec::new();
+    for evidence in stuck {
+        let Evidence::StuckTask {
+            comm,
+            scope,
+            container,
+            seconds,
+            waits_on: Some(waits_on),
+            ..
+        } = evidence
+        else {
+            continue;
+        };
+        let whose = container
+            .as_ref()
+            .map(|c| format!("container {c}"))
+            .unwrap_or_else(|| scope.as_str().to_string());
+        let sentence = format!("{comm} ({whose}) blocked {} on {waits_on}", human(*seconds));
+        match chains.iter_mut().find(|(_, _, chain)| chain == waits_on) {
+            Some(known) if known.0 >= *seconds => {}
+            Some(known) => *known = (*seconds, sentence, waits_on.clone()),
+            None => chains.push((*seconds, sentence, waits_on.clone())),
+        }
+    }
+    chains.sort_by(|a, b| b.0.total_cmp(&a.0));
+    chains
+        .into_iter()
+        .take(CAUSE_CHAINS)
+        .map(|(_, sentence, _)| sentence)
+        .collect()
+}
+
+/// The innermost frame of a call trace that is not the scheduler's own (`__schedule`,
+/// `schedule_timeout`, ...), without its offsets: where the task waits.
+fn waiting_frame(frames: &[String]) -> Option<&str> {
+    frames
+        .iter()
+        .map(|f| f.split_once('+').map_or(f.as_str(), |(symbol, _)| symbol))
+        .find(|symbol| !symbol.trim_start_matches('_').starts_with("schedule"))
 }
 
 /// "stop of container web (image shop/web:3) stuck for 45 s, SIGKILL sent: held by 2 task(s)
@@ -746,6 +806,20 @@ fn human(seconds: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_waiting_frame_skips_the_scheduler() {
+        let frames: Vec<String> = [
+            "__schedule+0x3dc/0xf60",
+            "schedule+0x23/0xa0",
+            "schedule_preempt_disabled+0x11/0x20",
+            "rwsem_down_read_slowpath+0x293/0x570",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(waiting_frame(&frames), Some("rwsem_down_read_slowpath"));
+        assert_eq!(waiting_frame(&[]), None);
+    }
 
     #[test]
     fn short_path_cuts_by_characters_not_bytes() {
@@ -948,6 +1022,8 @@ pub(crate) mod tests {
                 wchan: Some("kernel_clone".into()),
                 seconds,
                 container: Some("web".into()),
+                wait: Some(WaitClass::BlockIo),
+                waits_on: Some("block I/O to /dev/loop0, whose backing file is /m/data".into()),
             });
         }
         let incident = b.open_incident(Runtime::Docker).expect("open");
@@ -956,6 +1032,13 @@ pub(crate) mod tests {
             incident
                 .suspected_cause
                 .contains("1 task(s) of container web in D state in kernel_clone up to 50 s"),
+            "{}",
+            incident.suspected_cause
+        );
+        assert!(
+            incident.suspected_cause.contains(
+                "app (container web) blocked 50 s on block I/O to /dev/loop0, whose backing file is /m/data"
+            ),
             "{}",
             incident.suspected_cause
         );

@@ -22,6 +22,8 @@ use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_o
 
 /// Kernel events, newest first, shown by `check`.
 const CHECK_RECENT_EVENTS: usize = 10;
+/// Innermost frames of a hung task's call trace shown by `check`.
+const CHECK_TRACE_FRAMES: usize = 8;
 /// An OOM storm must not become a log storm: so many events are logged one by one per
 /// window, the rest summed up in one line when the window ends.
 const LOGGED_EVENTS_PER_WINDOW: u32 = 5;
@@ -392,6 +394,11 @@ fn kernel_evidence(event: &KernelEvent, at: SystemTime) -> Evidence {
             comm: event.fields.comm.clone(),
             scope,
             seconds: event.fields.seconds,
+            call_trace: event
+                .call_trace
+                .as_ref()
+                .map(|t| t.frames.clone())
+                .unwrap_or_default(),
         };
     }
     Evidence::KernelEvent {
@@ -489,6 +496,14 @@ impl Section for KernelSection {
                 "  {ago:>5}s ago  {:<14} {}{who}",
                 event.rule, event.message
             );
+            if let Some(trace) = &event.call_trace {
+                let frames = trace.frames.iter().take(CHECK_TRACE_FRAMES);
+                let _ = writeln!(
+                    out,
+                    "                call trace: {}",
+                    frames.cloned().collect::<Vec<_>>().join(" < ")
+                );
+            }
         }
     }
 }
@@ -512,6 +527,33 @@ mod tests {
     }
     use crate::sources::kernel::detect::kernel_time_to_wall;
     use std::time::Duration;
+
+    #[test]
+    fn a_hung_task_keeps_its_call_trace_as_evidence() {
+        let mut pipeline =
+            detect::Pipeline::new(&crate::config::KernelLogConfig::default(), &[]).unwrap();
+        let lines = [
+            "3,1,1,-;INFO: task dockerd:812 blocked for more than 120 seconds.",
+            "6,2,2,-;task:dockerd state:D stack:0 pid:812 tgid:800 ppid:1 flags:0x0",
+            "6,3,3,-;Call Trace:",
+            "6,4,4,-; __schedule+0x3dc/0xf60",
+            "6,5,5,-; __mutex_lock+0x1/0x2",
+            "6,6,6,-; </TASK>",
+        ];
+        let mut events: Vec<KernelEvent> = lines
+            .iter()
+            .flat_map(|l| pipeline.process(&detect::parse_record(l.as_bytes()).unwrap()))
+            .collect();
+        events.extend(pipeline.flush());
+        let Evidence::HungTask { call_trace, .. } = kernel_evidence(&events[0], SystemTime::now())
+        else {
+            panic!("not a hung task: {events:?}");
+        };
+        assert_eq!(
+            call_trace,
+            ["__schedule+0x3dc/0xf60", "__mutex_lock+0x1/0x2"]
+        );
+    }
 
     #[test]
     fn a_recent_timestamp_is_close_to_now_and_an_old_one_is_earlier() {

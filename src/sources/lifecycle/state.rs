@@ -674,6 +674,7 @@ mod tests {
                     seconds_in_d: 35.0,
                     scope: Scope::Container,
                     owner: owner(id),
+                    wait: None,
                 }],
                 containers: Vec::new(),
                 frozen: FrozenTasks {

@@ -6,7 +6,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{ContainerLabels, FloatGauge, KindLabels, ScopeLabels};
+use crate::metrics::{ContainerLabels, FloatGauge, KindLabels, ScopeLabels, ScopeWaitLabels};
 
 /// /proc scan duration buckets: 1 ms to 10 s.
 const SCAN_BUCKETS: [f64; 12] = [
@@ -15,6 +15,7 @@ const SCAN_BUCKETS: [f64; 12] = [
 
 pub struct ProcScanMetrics {
     pub dstate_tasks: Family<ScopeLabels, Gauge>,
+    pub stuck_tasks: Family<ScopeWaitLabels, Gauge>,
     pub frozen_tasks: Gauge,
     pub container_dstate_tasks: Family<ContainerLabels, Gauge>,
     pub container_dstate_max_seconds: Family<ContainerLabels, FloatGauge>,
@@ -28,6 +29,7 @@ impl ProcScanMetrics {
     pub fn register(r: &mut Registry) -> ProcScanMetrics {
         let m = ProcScanMetrics {
             dstate_tasks: Family::default(),
+            stuck_tasks: Family::default(),
             frozen_tasks: Gauge::default(),
             container_dstate_tasks: Family::default(),
             container_dstate_max_seconds: Family::default(),
@@ -40,6 +42,11 @@ impl ProcScanMetrics {
             "hangwatch_dstate_tasks",
             "Tasks stuck in uninterruptible sleep (D) past proc_scan.stuck_after, frozen ones excluded, by scope",
             m.dstate_tasks.clone(),
+        );
+        r.register(
+            "hangwatch_stuck_tasks",
+            "Tasks stuck in D past proc_scan.stuck_after, by scope and what they wait on (block_io, fs_server, lock, freezer, runtime_pipe, memory_reclaim, unknown)",
+            m.stuck_tasks.clone(),
         );
         r.register(
             "hangwatch_frozen_tasks",

@@ -12,9 +12,11 @@ use serde::Serialize;
 use super::metrics::ProcScanMetrics;
 use crate::containers::{ContainerDirectory, ContainerInfo};
 use crate::engine::incidents::Evidence;
-use crate::metrics::{ContainerLabels, KindLabels, ScopeLabels};
+use crate::metrics::{ContainerLabels, KindLabels, ScopeLabels, ScopeWaitLabels};
 use crate::signal::Payload;
-use crate::sources::procscan::detect::{RuntimeKind, ScanReport, Scope, StuckRuntimeProcess};
+use crate::sources::procscan::detect::{
+    RuntimeKind, ScanReport, Scope, StuckRuntimeProcess, WaitChain, WaitClass,
+};
 use crate::sources::{Action, Context, Now, Publish, Section, SourceState, json_of, payload_of};
 
 /// Stuck tasks listed by `check`.
@@ -87,6 +89,17 @@ impl ProcScanState {
                 })
                 .set(0);
         }
+        for scope in Scope::ALL {
+            for wait in WaitClass::ALL {
+                metrics
+                    .stuck_tasks
+                    .get_or_create(&ScopeWaitLabels {
+                        scope: scope.as_str(),
+                        wait: wait.as_str(),
+                    })
+                    .set(0);
+            }
+        }
     }
 
     pub fn apply_scan(&mut self, report: ScanReport, directory: &ContainerDirectory) -> Applied {
@@ -103,6 +116,22 @@ impl ProcScanState {
                     scope: scope.as_str(),
                 })
                 .set(i64::try_from(stuck).unwrap_or(i64::MAX));
+        }
+        for scope in Scope::ALL {
+            for wait in WaitClass::ALL {
+                let stuck = report
+                    .stuck_tasks
+                    .iter()
+                    .filter(|t| t.scope == scope && wait_class(t.wait.as_ref()) == wait)
+                    .count();
+                metrics
+                    .stuck_tasks
+                    .get_or_create(&ScopeWaitLabels {
+                        scope: scope.as_str(),
+                        wait: wait.as_str(),
+                    })
+                    .set(i64::try_from(stuck).unwrap_or(i64::MAX));
+            }
         }
         metrics.frozen_tasks.set(gauge(report.frozen.tasks));
         for kind in RuntimeKind::ALL {
@@ -204,6 +233,8 @@ impl ProcScanState {
                 wchan: t.wchan.clone(),
                 seconds: t.seconds_in_d,
                 container: name_of(t.owner.container_id.as_deref()),
+                wait: t.wait.as_ref().map(|w| w.class),
+                waits_on: t.wait.as_ref().map(WaitChain::describe),
             })
             .collect();
         evidence.extend(
@@ -294,8 +325,13 @@ impl Section for ProcScanSection {
                 .filter(|t| t.scope == Scope::Runtime)
                 .map(|t| {
                     let wchan = t.wchan.as_deref().unwrap_or("?");
+                    let on = t
+                        .wait
+                        .as_ref()
+                        .map(|w| format!(", waiting on {}", w.describe()))
+                        .unwrap_or_default();
                     format!(
-                        "runtime task {} pid {} tid {} in D ({wchan})",
+                        "runtime task {} pid {} tid {} in D ({wchan}){on}",
                         t.comm, t.pid, t.tid
                     )
                 }),
@@ -328,6 +364,22 @@ impl Section for ProcScanSection {
                 task.tid,
                 task.wchan.as_deref().unwrap_or("?")
             );
+            match &task.wait {
+                Some(chain) => {
+                    let _ = writeln!(
+                        out,
+                        "       waits on {} [{}]",
+                        chain.describe(),
+                        chain.class.as_str()
+                    );
+                    if let Some(reason) = &chain.kernel_stack_omitted {
+                        let _ = writeln!(out, "       kernel stack omitted: {reason}");
+                    }
+                }
+                None => {
+                    let _ = writeln!(out, "       waits on: not read in time");
+                }
+            }
         }
         for process in &report.runtime_processes {
             let _ = writeln!(
@@ -362,6 +414,11 @@ fn runtime_evidence(process: &StuckRuntimeProcess, at: SystemTime) -> Evidence {
         wchan: process.threads.iter().find_map(|t| t.wchan.clone()),
         fifo,
     }
+}
+
+/// A task whose chain could not be read waits on something unknown.
+fn wait_class(chain: Option<&WaitChain>) -> WaitClass {
+    chain.map_or(WaitClass::Unknown, |c| c.class)
 }
 
 fn gauge(n: u64) -> i64 {

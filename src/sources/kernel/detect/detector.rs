@@ -191,7 +191,7 @@ async fn run(ctx: DetectorContext, boot_id_path: PathBuf) {
         backoff = (backoff * 2).min(kernel.retry_max);
     }
     run.flush_final_counters().await;
-    run.store.save_now(run.position.as_ref()).await;
+    run.store.save_now(run.saved_position().as_ref()).await;
 }
 
 /// An open kernel log, ready to be read from the async threads.
@@ -431,14 +431,32 @@ impl Run {
         self.pending += self.pipeline.take_counters();
     }
 
+    /// The position to save: never past a hung-task report held for its call trace, so a
+    /// restart reads it again rather than losing it.
+    fn saved_position(&self) -> Option<Position> {
+        match (&self.position, self.pipeline.held_seq()) {
+            (Some(Position::Seq(seq)), Some(held)) => {
+                Some(Position::Seq((*seq).min(held.saturating_sub(1))))
+            }
+            (position, _) => position.clone(),
+        }
+    }
+
     /// Every [`TICK`] while reading: beat, hand over counters, save the position (throttled).
     /// False when the engine is gone.
     async fn on_tick(&mut self) -> bool {
         self.ctx.heartbeat.beat();
+        if let Some(event) = self.pipeline.flush_stale()
+            && !self.deliver(event).await
+        {
+            return false;
+        }
         if !self.flush_counters().await {
             return false;
         }
-        self.store.save_throttled(self.position.as_ref()).await;
+        self.store
+            .save_throttled(self.saved_position().as_ref())
+            .await;
         true
     }
 

@@ -11,6 +11,8 @@ pub use crate::domain::{OomConstraint, OomVictim, Scope as HungTaskScope};
 use crate::attribution::{CgroupOwner, attribute_path, attribute_proc_cgroup};
 use crate::config::{RuleKind, Severity};
 
+use super::trace::CallTrace;
+
 /// One kernel log record that matched a rule.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KernelEvent {
@@ -32,6 +34,8 @@ pub struct KernelEvent {
     pub oom: Option<OomInfo>,
     /// Set for the `hung_task` rule.
     pub hung_task_scope: Option<HungTaskScope>,
+    /// `hung_task`: the kernel stack the kernel logged after the report.
+    pub call_trace: Option<CallTrace>,
     /// The container or pod the event belongs to, when a cgroup path says so.
     pub owner: Option<CgroupOwner>,
     /// Filled by the engine from the runtime's API; the kernel knows none of these.

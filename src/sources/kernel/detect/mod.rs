@@ -19,6 +19,7 @@ mod record;
 mod rules;
 mod source;
 mod syslog;
+mod trace;
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -42,6 +43,7 @@ pub use source::{LogSource, falls_back_to_syslog};
 pub use syslog::{
     SyslogEntry, SyslogLine, SyslogReader, TimestampMark, parse_syslog_text, select_new,
 };
+pub use trace::{CallTrace, MAX_TRACE_BYTES, MAX_TRACE_FRAMES};
 
 use crate::config::Config;
 use crate::signal::Signal;
@@ -117,6 +119,7 @@ pub fn check(config: &Config) -> Result<CheckReport, CheckError> {
             KmsgRead::Record(record) => events.extend(pipeline.process(&record)),
         }
     }
+    events.extend(pipeline.flush());
     for event in &mut events {
         if let Some(pid) = Pipeline::hung_task_pid(event) {
             let text = read_proc_cgroup_blocking(config, pid);

@@ -7,6 +7,7 @@ use super::event::{
 };
 use super::record::{FACILITY_KERN, Record};
 use super::rules::{HUNG_TASK_RULE, OOM_KILL_RULE, RuleError, RuleMatch, RuleSet};
+use super::trace::TraceCapture;
 use crate::config::{KernelLogConfig, KernelRule};
 
 #[derive(Debug)]
@@ -17,6 +18,7 @@ pub struct Pipeline {
     containerd_namespaces: Vec<String>,
     last_seq: Option<u64>,
     counters: KernelLogCounters,
+    traces: TraceCapture,
 }
 
 impl Pipeline {
@@ -31,6 +33,7 @@ impl Pipeline {
             containerd_namespaces: containerd_namespaces.to_vec(),
             last_seq: None,
             counters: KernelLogCounters::default(),
+            traces: TraceCapture::default(),
         })
     }
 
@@ -47,6 +50,7 @@ impl Pipeline {
         self.last_seq = Some(record.seq);
         if record.facility != FACILITY_KERN && !self.accept_non_kernel {
             self.counters.ignored_non_kernel += 1;
+            self.traces.pass(record);
             return Vec::new();
         }
         let mut events = Vec::new();
@@ -68,7 +72,24 @@ impl Pipeline {
                 }
             }
         }
+        self.traces.intercept(record, &mut events);
         events
+    }
+
+    /// A hung-task event held for its call trace since the previous call (the detector's
+    /// tick), released with what came of its trace.
+    pub fn flush_stale(&mut self) -> Option<KernelEvent> {
+        self.traces.flush_stale()
+    }
+
+    /// The seq of the hung-task record held for its call trace.
+    pub fn held_seq(&self) -> Option<u64> {
+        self.traces.held_seq()
+    }
+
+    /// The event held for its call trace, if any, at the end of the records read.
+    pub fn flush(&mut self) -> Option<KernelEvent> {
+        self.traces.flush()
     }
 
     /// Counts since the last call (records ignored for their facility).
@@ -151,6 +172,7 @@ fn build_event(
         fields,
         oom,
         hung_task_scope,
+        call_trace: None,
         owner,
         container_name: None,
         pod: None,
@@ -272,6 +294,8 @@ mod tests {
                 "3,2,2,-;INFO: task java:900 blocked for more than 120 seconds.",
             ],
         );
+        // Each is held for its call trace until the next record, or the end of the records.
+        events.extend(p.flush());
         assert_eq!(events[0].hung_task_scope, Some(HungTaskScope::Runtime));
         assert_eq!(Pipeline::hung_task_pid(&events[0]), None);
         assert_eq!(Pipeline::hung_task_pid(&events[1]), Some(900));

@@ -14,8 +14,13 @@ const PATH_MAX: usize = 4096;
 
 /// A small text file, lossily decoded.
 pub fn read_text(path: &Path) -> io::Result<String> {
+    read_text_up_to(path, TEXT_LIMIT)
+}
+
+/// A text file of at most `limit` bytes (a node's `mountinfo` can be megabytes).
+pub fn read_text_up_to(path: &Path, limit: u64) -> io::Result<String> {
     let mut bytes = Vec::new();
-    File::open(path)?.take(TEXT_LIMIT).read_to_end(&mut bytes)?;
+    File::open(path)?.take(limit).read_to_end(&mut bytes)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

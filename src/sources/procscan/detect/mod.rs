@@ -16,6 +16,7 @@ mod report;
 mod runtime;
 mod stat;
 mod tracker;
+mod waits;
 mod walk;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +40,9 @@ pub use report::{
     ScanErrors, ScanReport, Scope, ScopeCounts, StuckRuntimeProcess, StuckTask, ThreadEvidence,
 };
 pub use stat::{TaskStat, parse_stat};
+pub use waits::{
+    BlockDevice, FuseConnection, Holder, Mount, TaskBrief, WaitChain, WaitClass, state_name,
+};
 
 /// Reader threads that may stay blocked in a read that missed its deadline; also the number
 /// of timeouts after which a scan stops attempting detail reads.
@@ -72,6 +76,8 @@ pub struct ProcScanner {
     frozen: FrozenCache,
     d_tasks: Vec<DTask>,
     runc: Vec<RuncProcess>,
+    /// Block device `major:minor` → reads and writes completed at the previous scan.
+    block_ios: HashMap<String, u64>,
 }
 
 /// What a scan reads but never changes.
@@ -101,6 +107,7 @@ impl ProcScanner {
             frozen: FrozenCache::default(),
             d_tasks: Vec::new(),
             runc: Vec::new(),
+            block_ios: HashMap::new(),
         }
     }
 
@@ -120,12 +127,19 @@ impl ProcScanner {
         let mut details = Details {
             runner: &mut self.runner,
             errors: &mut errors,
+            mounts: waits::MountTables::default(),
         };
-        let found = classify_d_tasks(
+        let mut found = classify_d_tasks(
             &self.settings,
             &self.d_tasks,
             &mut self.tracker,
             &mut self.frozen,
+            &mut details,
+        );
+        trace_waits(
+            &self.settings,
+            &mut found.stuck_tasks,
+            &mut self.block_ios,
             &mut details,
         );
         let mut runtime_processes = stuck_runc(&self.settings, &self.runc, &mut details);
@@ -218,7 +232,7 @@ fn classify_d_tasks(
         if tracked.cached.is_none() {
             let path = task_file(&config.proc_root, task, "cgroup");
             tracked.cached = details
-                .text(path, Optional::No)
+                .text(path)
                 .map(|text| TaskCgroup::parse(&text, &settings.containerd_namespaces));
         }
         let cgroup = tracked.cached.as_ref();
@@ -234,11 +248,29 @@ fn classify_d_tasks(
             continue;
         }
         let wchan = details
-            .text(task_file(&config.proc_root, task, "wchan"), Optional::No)
+            .text(task_file(&config.proc_root, task, "wchan"))
             .and_then(wchan_name);
-        let kernel_stack = details
-            .text(task_file(&config.proc_root, task, "stack"), Optional::Yes)
-            .map(|text| parse_kernel_stack(&text));
+        let (kernel_stack, stack_omitted) =
+            match details.text_or_reason(task_file(&config.proc_root, task, "stack")) {
+                Ok(text) => (Some(parse_kernel_stack(&text)), None),
+                Err(reason) => (None, Some(reason)),
+            };
+        let wait = details
+            .run({
+                let request = waits::ChainRequest {
+                    roots: settings.roots(),
+                    mounts: details.mounts.clone(),
+                    pid: task.pid,
+                    tid: task.tid,
+                    wchan: wchan.clone(),
+                    stack: kernel_stack.clone(),
+                };
+                move || waits::resolve(&request)
+            })
+            .map(|mut chain| {
+                chain.kernel_stack_omitted = stack_omitted;
+                chain
+            });
         found.stuck(StuckTask {
             pid: task.pid,
             tid: task.tid,
@@ -249,10 +281,66 @@ fn classify_d_tasks(
             seconds_in_d: in_d.as_secs_f64(),
             scope,
             owner,
+            wait,
         });
     }
     tracker.end_scan();
     found
+}
+
+/// What needs every stuck task's chain: the FUSE daemons behind them and the likely holders
+/// of the locks they wait for (one scan-wide job, only when a chain asks for it), and whether
+/// their block devices completed requests since the previous scan.
+fn trace_waits(
+    settings: &Settings,
+    stuck: &mut [StuckTask],
+    block_ios: &mut HashMap<String, u64>,
+    details: &mut Details<'_>,
+) {
+    let chains = || stuck.iter().filter_map(|t| t.wait.as_ref());
+    let request = waits::ScanWideRequest {
+        roots: settings.roots(),
+        mounts: details.mounts.clone(),
+        want_fuse_daemons: chains().any(waits::needs_fuse_daemon),
+        lock_mounts: chains()
+            .filter_map(waits::lock_mount)
+            .map(str::to_string)
+            .collect(),
+        known_tids: stuck.iter().map(|t| t.tid).collect(),
+    };
+    let wide = if request.want_fuse_daemons || !request.lock_mounts.is_empty() {
+        details
+            .run(move || waits::scan_wide(&request))
+            .unwrap_or_default()
+    } else {
+        waits::ScanWide::default()
+    };
+    let mut chains: Vec<waits::StuckChain> = stuck
+        .iter_mut()
+        .filter_map(|t| {
+            Some(waits::StuckChain {
+                pid: t.pid,
+                tid: t.tid,
+                comm: t.comm.clone(),
+                wchan: t.wchan.clone(),
+                chain: t.wait.take()?,
+            })
+        })
+        .collect();
+    waits::complete(&mut chains, &wide);
+    let mut seen = HashMap::new();
+    for waits::StuckChain { tid, mut chain, .. } in chains {
+        if let Some(device) = chain.block_device.as_mut()
+            && let Some(now) = device.completed_ios
+        {
+            device.progressing = block_ios.get(&device.dev).map(|before| now != *before);
+            seen.insert(device.dev.clone(), now);
+        }
+        if let Some(task) = stuck.iter_mut().find(|t| t.tid == tid) {
+            task.wait = Some(chain);
+        }
+    }
+    *block_ios = seen;
 }
 
 /// `runc` and `runc:[2:INIT]` processes older than their thresholds, with the fifo evidence.
@@ -349,7 +437,7 @@ fn stuck_shims(
             continue;
         };
         let leader_stat = settings.config.proc_root.join(pid.to_string()).join("stat");
-        let leader = details.text(leader_stat, Optional::No).and_then(|text| {
+        let leader = details.text(leader_stat).and_then(|text| {
             let stat = parse_stat(text.as_bytes())?;
             Some((
                 String::from_utf8_lossy(stat.comm).into_owned(),
@@ -385,6 +473,13 @@ fn stuck_shims(
 }
 
 impl Settings {
+    fn roots(&self) -> waits::Roots {
+        waits::Roots {
+            proc_root: self.config.proc_root.clone(),
+            sys_root: self.config.sys_root.clone(),
+        }
+    }
+
     /// Seconds since boot, from `<proc_root>/uptime` (a read that never blocks).
     fn uptime(&self) -> Option<f64> {
         let text = read_text(&self.config.proc_root.join("uptime")).ok()?;
@@ -400,18 +495,12 @@ impl Settings {
     }
 }
 
-/// Whether an unreadable file is worth an error: the kernel stack is missing without
-/// `CONFIG_STACKTRACE` and unreadable without root, and then simply not reported.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Optional {
-    Yes,
-    No,
-}
-
 /// Detail reads of one scan, behind the deadline, with their failures counted.
 struct Details<'a> {
     runner: &'a mut DeadlineRunner,
     errors: &'a mut ScanErrors,
+    /// Mount tables read by this scan's wait chains.
+    mounts: waits::MountTables,
 }
 
 impl Details<'_> {
@@ -433,14 +522,40 @@ impl Details<'_> {
         }
     }
 
-    fn text(&mut self, path: PathBuf, optional: Optional) -> Option<String> {
+    fn text(&mut self, path: PathBuf) -> Option<String> {
         match self.run(move || read_text(&path))? {
             Ok(text) => Some(text),
             Err(e) => {
-                if optional == Optional::No && !is_vanished(&e) {
+                if !is_vanished(&e) {
                     self.errors.detail_errors += 1;
                 }
                 None
+            }
+        }
+    }
+
+    /// A file's text, or why it is not there: for files whose absence the report explains.
+    fn text_or_reason(&mut self, path: PathBuf) -> Result<String, String> {
+        match self.runner.run(move || read_text(&path)) {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(e)) => Err(match e.raw_os_error() {
+                Some(nix::libc::EACCES | nix::libc::EPERM) => {
+                    "permission denied (needs CAP_SYS_ADMIN)".to_string()
+                }
+                Some(nix::libc::ENOENT) => "not provided by this kernel or gone".to_string(),
+                _ => format!("unreadable: {e}"),
+            }),
+            Err(NotRun::TimedOut) => {
+                self.errors.detail_timeouts += 1;
+                Err("read timed out".into())
+            }
+            Err(NotRun::Skipped) => {
+                self.errors.detail_skipped += 1;
+                Err("not read: readers blocked".into())
+            }
+            Err(NotRun::Failed) => {
+                self.errors.detail_errors += 1;
+                Err("read failed".into())
             }
         }
     }
@@ -461,15 +576,9 @@ impl Details<'_> {
             .as_deref()
             .and_then(|path| layout.events_file(path));
         v1.is_some_and(|file| {
-            cache.get_or_read(file, |f| {
-                self.text(f.to_path_buf(), Optional::No)
-                    .map(|t| v1_frozen(&t))
-            })
+            cache.get_or_read(file, |f| self.text(f.to_path_buf()).map(|t| v1_frozen(&t)))
         }) || v2.is_some_and(|file| {
-            cache.get_or_read(file, |f| {
-                self.text(f.to_path_buf(), Optional::No)
-                    .map(|t| v2_frozen(&t))
-            })
+            cache.get_or_read(file, |f| self.text(f.to_path_buf()).map(|t| v2_frozen(&t)))
         })
     }
 }
@@ -648,6 +757,7 @@ mod tests {
             seconds_in_d: 40.0,
             scope: Scope::Container,
             owner: owner("a"),
+            wait: None,
         });
         found.frozen(Some(&owner("c")));
         found.frozen(None);

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 pub use crate::domain::{RuntimeKind, Scope};
 
+use super::waits::WaitChain;
 use crate::attribution::CgroupOwner;
 
 /// Counts of D tasks (frozen ones excluded) per scope.
@@ -52,6 +53,8 @@ pub struct StuckTask {
     pub seconds_in_d: f64,
     pub scope: Scope,
     pub owner: CgroupOwner,
+    /// What it waits on; None when the chain could not be read in time.
+    pub wait: Option<WaitChain>,
 }
 
 /// D tasks of one container that has at least one stuck task.
