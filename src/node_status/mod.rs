@@ -104,7 +104,9 @@ impl Publisher {
                 () = shutdown.cancelled() => return,
                 () = call => {}
             }
-            metrics::set_pending(usize::from(self.book.has_pending_change()));
+            metrics::set_pending(usize::from(
+                !self.book.is_adopted() || self.book.has_pending_change(),
+            ));
             heartbeat.beat();
             tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -1,0 +1,263 @@
+//! Node conditions on the (fake) Kubernetes API from real runtime hangs: a SIGSTOPped
+//! private dockerd sets `ContainerRuntimeUnhealthy` with its reason and transition time,
+//! heartbeats advance without moving the transition, SIGCONT clears it; a restart during the
+//! outage keeps it; a hung or failing API server never delays the verdict; conditions owned
+//! by others are never touched.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use support::daemons::PrivateDaemons;
+use support::fake_apiserver::FakeApiServer;
+use support::hangwatch::{FAST_PROBES, Hangwatch, TempDir};
+use support::wait_for;
+
+const NODE: &str = "node-a";
+const CONDITION: &str = "ContainerRuntimeUnhealthy";
+
+/// Probes as `FAST_PROBES`, the publisher with a 2 s heartbeat and quick retries.
+fn config(daemons: &PrivateDaemons, dir: &TempDir, api: &FakeApiServer, extra: &str) -> String {
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    daemons.hangwatch_config(
+        dir.path(),
+        &format!(
+            "{FAST_PROBES}node_name: {NODE}\nnode_status:\n  enabled: true\n  kubeconfig: {}\n  \
+             request_timeout: 1s\n  heartbeat_period: 2s\n  retry_interval: 200ms\n{extra}",
+            kubeconfig.display()
+        ),
+    )
+}
+
+/// Conditions owned by others, set before hangwatch starts: NPD's KernelDeadlock, and
+/// kubelet's Ready (already there).
+fn add_foreign_conditions(api: &FakeApiServer) -> Value {
+    api.edit_node(NODE, |node| {
+        node["status"]["conditions"]
+            .as_array_mut()
+            .expect("conditions")
+            .push(json!({
+                "type": "KernelDeadlock",
+                "status": "False",
+                "lastHeartbeatTime": "2026-11-30T00:00:00Z",
+                "lastTransitionTime": "2026-11-01T00:00:00Z",
+                "reason": "KernelHasNoDeadlock",
+                "message": "kernel has no deadlock",
+            }));
+    });
+    foreign(api)
+}
+
+fn foreign(api: &FakeApiServer) -> Value {
+    json!([
+        api.condition(NODE, "Ready"),
+        api.condition(NODE, "KernelDeadlock")
+    ])
+}
+
+fn condition_is(api: &FakeApiServer, status: &str) -> Option<Value> {
+    let c = api.condition(NODE, CONDITION);
+    (c["status"] == status).then_some(c)
+}
+
+fn time_of(c: &Value, field: &str) -> SystemTime {
+    humantime::parse_rfc3339(c[field].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{field} of {c}: {e}"))
+}
+
+fn status_patches(api: &FakeApiServer) -> Vec<support::fake_apiserver::Recorded> {
+    api.patches()
+        .into_iter()
+        .filter(|p| p.path == format!("/api/v1/nodes/{NODE}/status"))
+        .collect()
+}
+
+#[test]
+fn a_stopped_dockerd_sets_the_condition_heartbeats_keep_its_transition_and_sigcont_clears_it() {
+    let api = FakeApiServer::start(&[NODE, "node-b"]);
+    let others_before = add_foreign_conditions(&api);
+    let node_b = api.node("node-b");
+    let daemons = PrivateDaemons::start();
+    let dir = TempDir::new("ns-cond");
+    let hw = Hangwatch::start(&config(&daemons, &dir, &api, ""), dir.path());
+
+    let (healthy, _) = wait_for(
+        "the condition False while healthy",
+        Duration::from_secs(30),
+        || condition_is(&api, "False"),
+    );
+    assert_eq!(healthy["reason"], "ContainerRuntimeHealthy");
+
+    let stopped_at = SystemTime::now();
+    daemons.signal_dockerd(libc::SIGSTOP);
+    let (hung, took) = wait_for("the condition True", Duration::from_secs(15), || {
+        condition_is(&api, "True")
+    });
+    assert_eq!(hung["reason"], "DockerdHung", "{hung}");
+    assert!(
+        hung["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("dockerd")),
+        "the message is the suspected cause: {hung}"
+    );
+    let transition = time_of(&hung, "lastTransitionTime");
+    // RFC 3339 to the second: the transition is at most a second before the stop.
+    assert!(
+        transition + Duration::from_secs(1) >= stopped_at
+            && transition <= stopped_at + took + Duration::from_secs(1),
+        "transition {hung} vs stop at {stopped_at:?}"
+    );
+
+    // Two heartbeats later: the heartbeat advanced, the transition did not.
+    let first_beat = time_of(&hung, "lastHeartbeatTime");
+    let (later, _) = wait_for("two heartbeats", Duration::from_secs(15), || {
+        let c = api.condition(NODE, CONDITION);
+        (time_of(&c, "lastHeartbeatTime") >= first_beat + Duration::from_secs(4)).then_some(c)
+    });
+    assert_eq!(later["status"], "True");
+    assert_eq!(later["lastTransitionTime"], hung["lastTransitionTime"]);
+
+    daemons.signal_dockerd(libc::SIGCONT);
+    let (cleared, _) = wait_for("the condition False again", Duration::from_secs(20), || {
+        condition_is(&api, "False")
+    });
+    assert!(
+        time_of(&cleared, "lastTransitionTime") > transition,
+        "{cleared}"
+    );
+    assert_eq!(cleared["reason"], "ContainerRuntimeHealthy");
+
+    // Others' conditions, and other nodes, untouched; every write a strategic merge of
+    // owned conditions on its own node's status.
+    assert_eq!(foreign(&api), others_before);
+    assert_eq!(api.node("node-b"), node_b);
+    let patches = status_patches(&api);
+    assert!(!patches.is_empty());
+    assert_eq!(
+        patches.len(),
+        api.patches().len(),
+        "only nodes/{NODE}/status is patched"
+    );
+    for patch in &patches {
+        assert_eq!(patch.content_type, "application/strategic-merge-patch+json");
+        for c in patch.body["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+        {
+            let t = c["type"].as_str().unwrap_or_default();
+            assert!(
+                [
+                    "ContainerRuntimeUnhealthy",
+                    "RuntimeTasksStuck",
+                    "ContainerStopStuck"
+                ]
+                .contains(&t),
+                "patched a condition it does not own: {c}"
+            );
+        }
+    }
+    drop(hw);
+}
+
+#[test]
+fn a_restart_during_an_outage_keeps_the_condition_and_its_transition_time() {
+    let api = FakeApiServer::start(&[NODE]);
+    let daemons = PrivateDaemons::start();
+    let dir = TempDir::new("ns-restart");
+    let config = config(&daemons, &dir, &api, "");
+    let hw = Hangwatch::start(&config, dir.path());
+    wait_for("the condition False", Duration::from_secs(30), || {
+        condition_is(&api, "False")
+    });
+    daemons.signal_dockerd(libc::SIGSTOP);
+    let (hung, _) = wait_for("the condition True", Duration::from_secs(15), || {
+        condition_is(&api, "True")
+    });
+    let (_, status) = hw.terminate();
+    assert!(status.success(), "{status}");
+
+    let restarted_at = SystemTime::now();
+    let hw = Hangwatch::start(&config, dir.path());
+    // Until the new process has patched (its heartbeat is newer than its start), and after:
+    // never False, never a new transition time.
+    let (_, _) = wait_for(
+        "a heartbeat from the new process",
+        Duration::from_secs(20),
+        || {
+            let c = api.condition(NODE, CONDITION);
+            assert_eq!(c["status"], "True", "flapped after the restart: {c}");
+            assert_eq!(c["lastTransitionTime"], hung["lastTransitionTime"], "{c}");
+            (time_of(&c, "lastHeartbeatTime") + Duration::from_secs(1) >= restarted_at
+                && hw.runtime_is("docker", "hung"))
+            .then_some(())
+        },
+    );
+    let c = api.condition(NODE, CONDITION);
+    assert_eq!(c["reason"], "DockerdHung", "{c}");
+    assert_eq!(c["lastTransitionTime"], hung["lastTransitionTime"]);
+    daemons.signal_dockerd(libc::SIGCONT);
+    wait_for("the condition False", Duration::from_secs(20), || {
+        condition_is(&api, "False")
+    });
+}
+
+#[test]
+fn a_hung_or_failing_api_server_never_delays_the_stall_verdict_and_the_condition_catches_up() {
+    let api = FakeApiServer::start(&[NODE]);
+    api.hang(true);
+    let daemons = PrivateDaemons::start();
+    let dir = TempDir::new("ns-hang");
+    let hw = Hangwatch::start(&config(&daemons, &dir, &api, ""), dir.path());
+    wait_for("docker healthy", Duration::from_secs(20), || {
+        hw.runtime_is("docker", "healthy").then_some(())
+    });
+    daemons.signal_dockerd(libc::SIGSTOP);
+    // stall_threshold 2 s + interval 0.5 s + evaluation: the verdict comes as fast as
+    // without an API server at all.
+    let (_, took) = wait_for("docker hung in /metrics", Duration::from_secs(6), || {
+        hw.runtime_is("docker", "hung").then_some(())
+    });
+    assert!(took < Duration::from_secs(5), "verdict took {took:?}");
+    let metrics = hw.metrics();
+    let timeouts = support::hangwatch::metric_value(
+        &metrics,
+        "hangwatch_kube_api_requests_total",
+        &[("result", "timeout")],
+    );
+    assert!(timeouts.is_some_and(|t| t >= 1.0), "{metrics}");
+    assert_eq!(
+        support::hangwatch::metric_value(&metrics, "hangwatch_kube_pending_updates", &[]),
+        Some(1.0)
+    );
+    assert_eq!(api.condition(NODE, CONDITION), Value::Null);
+
+    api.hang(false);
+    let (hung, _) = wait_for("the condition catches up", Duration::from_secs(10), || {
+        condition_is(&api, "True")
+    });
+    assert_eq!(hung["reason"], "DockerdHung");
+
+    api.fail(true);
+    daemons.signal_dockerd(libc::SIGCONT);
+    wait_for(
+        "docker healthy again in /metrics",
+        Duration::from_secs(10),
+        || hw.runtime_is("docker", "healthy").then_some(()),
+    );
+    wait_for("500s counted", Duration::from_secs(5), || {
+        hw.metric("hangwatch_kube_api_requests_total", &[("result", "error")])
+            .filter(|n| *n >= 1.0)
+    });
+    assert_eq!(
+        api.condition(NODE, CONDITION)["status"],
+        "True",
+        "not written while 500"
+    );
+    api.fail(false);
+    let (cleared, _) = wait_for("the condition catches up", Duration::from_secs(10), || {
+        condition_is(&api, "False")
+    });
+    assert_eq!(cleared["reason"], "ContainerRuntimeHealthy");
+}
