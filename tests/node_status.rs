@@ -67,6 +67,14 @@ fn time_of(c: &Value, field: &str) -> SystemTime {
         .unwrap_or_else(|e| panic!("{field} of {c}: {e}"))
 }
 
+/// The Events hangwatch made, of `reason`.
+fn events_of(api: &FakeApiServer, reason: &str) -> Vec<Value> {
+    api.events()
+        .into_iter()
+        .filter(|e| e["reason"] == reason && e["source"]["component"] == "hangwatch")
+        .collect()
+}
+
 fn status_patches(api: &FakeApiServer) -> Vec<support::fake_apiserver::Recorded> {
     api.patches()
         .into_iter()
@@ -175,8 +183,16 @@ fn a_restart_during_an_outage_keeps_the_condition_and_its_transition_time() {
     let (hung, _) = wait_for("the condition True", Duration::from_secs(15), || {
         condition_is(&api, "True")
     });
+    wait_for("the incident's event", Duration::from_secs(10), || {
+        (events_of(&api, "RuntimeIncidentOpened").len() == 1).then_some(())
+    });
     let (_, status) = hw.terminate();
     assert!(status.success(), "{status}");
+    assert!(
+        dir.path().join("kube-events.json").exists(),
+        "the ledger is saved"
+    );
+    let creates_before = api.requests().iter().filter(|r| r.method == "POST").count();
 
     let restarted_at = SystemTime::now();
     let hw = Hangwatch::start(&config, dir.path());
@@ -201,6 +217,23 @@ fn a_restart_during_an_outage_keeps_the_condition_and_its_transition_time() {
     wait_for("the condition False", Duration::from_secs(20), || {
         condition_is(&api, "False")
     });
+    // The incident loaded from disk was announced before the restart: no second create,
+    // no repeat; its close is new.
+    wait_for("the close event", Duration::from_secs(10), || {
+        (events_of(&api, "RuntimeIncidentClosed").len() == 1).then_some(())
+    });
+    let opened = events_of(&api, "RuntimeIncidentOpened");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(
+        opened[0]["count"], 1,
+        "no repeat after the restart: {opened:?}"
+    );
+    let creates_after = api.requests().iter().filter(|r| r.method == "POST").count();
+    assert_eq!(
+        creates_after,
+        creates_before + 1,
+        "only the close was created"
+    );
 }
 
 #[test]

@@ -16,8 +16,11 @@
 pub mod book;
 mod client;
 pub mod conditions;
+pub mod events;
 pub mod metrics;
 
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,9 +31,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::Snapshot;
 use crate::heartbeat::Heartbeats;
+use crate::persist::{self, StateKind};
 use book::ConditionBook;
 use client::{ApiClient, ApiError};
 use conditions::ConditionKind;
+use events::{Draft, Ledger, RateLimit, Series};
+use metrics::EventDrop;
 
 pub use metrics::KubeMetrics;
 
@@ -59,6 +65,21 @@ pub struct Publisher {
     retry_at: Option<Instant>,
     /// The last failure was logged: log again only once it recovers.
     failing: bool,
+    events: Option<EventQueue>,
+}
+
+/// Events waiting to be sent, and what was sent.
+struct EventQueue {
+    ledger: Ledger,
+    path: PathBuf,
+    /// No ledger on disk: the first snapshot's closed incidents are history, not news.
+    first_look: bool,
+    queue: VecDeque<Draft>,
+    queued: HashSet<String>,
+    limit: RateLimit,
+    series_window: Duration,
+    /// The rate-limit drops were logged: once per burst.
+    dropping: bool,
 }
 
 impl Publisher {
@@ -78,6 +99,7 @@ impl Publisher {
             scans_settled_at: Instant::now() + settle,
             retry_at: None,
             failing: false,
+            events: ns.events.enabled.then(|| EventQueue::load(&config)),
             config,
         })
     }
@@ -104,9 +126,10 @@ impl Publisher {
                 () = shutdown.cancelled() => return,
                 () = call => {}
             }
-            metrics::set_pending(usize::from(
-                !self.book.is_adopted() || self.book.has_pending_change(),
-            ));
+            let queued = self.events.as_ref().map_or(0, |e| e.queue.len());
+            metrics::set_pending(
+                usize::from(!self.book.is_adopted() || self.book.has_pending_change()) + queued,
+            );
             heartbeat.beat();
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -123,6 +146,9 @@ impl Publisher {
             let opinion = conditions::opinion(kind, snapshot, settled);
             self.book.observe(kind, opinion, now);
         }
+        if let Some(events) = &mut self.events {
+            events.observe(snapshot);
+        }
     }
 
     /// At most one API call per turn, so the loop beats between calls.
@@ -134,6 +160,8 @@ impl Publisher {
             self.read_back().await
         } else if self.book.patch_due(SystemTime::now()) {
             self.patch_conditions().await
+        } else if let Some(draft) = self.events.as_mut().and_then(|e| e.queue.pop_front()) {
+            self.send_event(draft).await
         } else {
             return;
         };
@@ -177,5 +205,164 @@ impl Publisher {
             .await?;
         self.book.patched(now);
         Ok(())
+    }
+}
+
+impl Publisher {
+    /// Create the event, or update its series; a failure puts it back at the head of the
+    /// queue for the retry.
+    async fn send_event(&mut self, draft: Draft) -> Result<(), ApiError> {
+        let Some(events) = self.events.as_mut() else {
+            return Ok(());
+        };
+        let now = SystemTime::now();
+        if !events.limit.take(now) {
+            events.drop_event(&draft, EventDrop::RateLimited);
+            return Ok(());
+        }
+        events.dropping = false;
+        let series_id = events::series_id(&draft);
+        let window = events.series_window;
+        let repeat = events
+            .ledger
+            .series(&series_id)
+            .filter(|s| now.duration_since(s.last).unwrap_or_default() <= window)
+            .cloned();
+        let result = match repeat {
+            Some(series) => {
+                let path = format!(
+                    "/api/v1/namespaces/{}/events/{}",
+                    series.namespace, series.name
+                );
+                let patch = events::repeat_patch(&draft, series.count + 1, now);
+                match self
+                    .client
+                    .call(Method::PATCH, &path, STRATEGIC_MERGE, Some(&patch))
+                    .await
+                {
+                    Ok(_) => Ok(Series {
+                        count: series.count + 1,
+                        last: now,
+                        ..series
+                    }),
+                    // Expired (the API server keeps events for an hour): a new one.
+                    Err(ApiError::Status(404, _)) => self.create_event(&draft, now).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => self.create_event(&draft, now).await,
+        };
+        let Some(events) = self.events.as_mut() else {
+            return Ok(());
+        };
+        match result {
+            Ok(series) => {
+                events.ledger.mark(&draft.key);
+                events.queued.remove(&draft.key);
+                events.ledger.set_series(series_id, series, window);
+                events.save().await;
+                Ok(())
+            }
+            Err(e) => {
+                events.queue.push_front(draft);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_event(&self, draft: &Draft, now: SystemTime) -> Result<Series, ApiError> {
+        let (namespace, _) = events::placement(&draft.object, &self.node);
+        let body = events::event_body(draft, &self.node, now);
+        let series = Series {
+            namespace: namespace.to_string(),
+            name: events::event_name(draft, &self.node),
+            count: 1,
+            last: now,
+        };
+        let path = format!("/api/v1/namespaces/{namespace}/events");
+        match self
+            .client
+            .call(Method::POST, &path, "application/json", Some(&body))
+            .await
+        {
+            // 409: an earlier create that timed out did land.
+            Ok(_) | Err(ApiError::Status(409, _)) => Ok(series),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl EventQueue {
+    fn load(config: &Config) -> EventQueue {
+        let path = config.state_dir.join("kube-events.json");
+        let (ledger, first_look) = match std::fs::read(&path) {
+            Ok(bytes) => match Ledger::from_json(&bytes) {
+                Some(ledger) => (ledger, false),
+                None => {
+                    tracing::warn!(path = %path.display(), "unreadable events ledger; starting a new one");
+                    (Ledger::default(), true)
+                }
+            },
+            Err(_) => (Ledger::default(), true),
+        };
+        let events = &config.node_status.events;
+        EventQueue {
+            ledger,
+            path,
+            first_look,
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            limit: RateLimit::new(events.max_per_minute),
+            series_window: events.series_window,
+            dropping: false,
+        }
+    }
+
+    fn observe(&mut self, snapshot: &Snapshot) {
+        if std::mem::take(&mut self.first_look) {
+            for incident in snapshot.incidents.iter().filter(|i| i.ended_at.is_some()) {
+                self.ledger
+                    .mark(&format!("incident:{}:opened", incident.id));
+                self.ledger
+                    .mark(&format!("incident:{}:closed", incident.id));
+            }
+        }
+        for draft in events::drafts(snapshot) {
+            if self.ledger.contains(&draft.key) || self.queued.contains(&draft.key) {
+                continue;
+            }
+            if self.queue.len() >= events::QUEUE_CAPACITY
+                && let Some(oldest) = self.queue.pop_front()
+            {
+                self.drop_event(&oldest, EventDrop::QueueFull);
+            }
+            self.queued.insert(draft.key.clone());
+            self.queue.push_back(draft);
+        }
+    }
+
+    /// Not sent, and never to be: counted, logged once per burst.
+    fn drop_event(&mut self, draft: &Draft, why: EventDrop) {
+        metrics::count_dropped_event(why);
+        self.queued.remove(&draft.key);
+        self.ledger.mark(&draft.key);
+        if !self.dropping {
+            self.dropping = true;
+            tracing::warn!(reason = draft.reason, why = ?why, "Kubernetes events dropped; counted in hangwatch_kube_events_dropped_total");
+        }
+    }
+
+    /// Write the ledger off the async thread; a failure is counted and logged, and the
+    /// next event writes it again.
+    async fn save(&self) {
+        let path = self.path.clone();
+        let bytes = self.ledger.to_json();
+        let written = tokio::task::spawn_blocking(move || {
+            persist::write_atomically(&path, &bytes, StateKind::KubeEvents)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot save the events ledger");
+        }
     }
 }
