@@ -185,7 +185,9 @@ impl Publisher {
 
     /// Read the node's conditions and take over the owned ones.
     async fn read_back(&mut self) -> Result<(), ApiError> {
-        let path = format!("/api/v1/nodes/{}", self.node);
+        // The status subresource answers the whole Node: `get` on `nodes/status` is all the
+        // RBAC this needs.
+        let path = format!("/api/v1/nodes/{}/status", self.node);
         let node = self.client.call(Method::GET, &path, "", None).await?;
         let conditions = node["status"]["conditions"]
             .as_array()

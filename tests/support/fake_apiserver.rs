@@ -233,7 +233,10 @@ impl FakeApiServer {
         let app = Router::new()
             .route("/api/v1/nodes", get(list))
             .route("/api/v1/nodes/{name}", get(read).patch(patch))
-            .route("/api/v1/nodes/{name}/status", get(read).patch(patch_status))
+            .route(
+                "/api/v1/nodes/{name}/status",
+                get(read_status).patch(patch_status),
+            )
             .route(
                 "/api/v1/namespaces/{namespace}/events",
                 get(list_events).post(create_event),
@@ -445,10 +448,23 @@ async fn read(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    read_node(shared, name, headers, "").await
+}
+
+/// The status subresource answers the whole Node, as the real one does.
+async fn read_status(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    read_node(shared, name, headers, "/status").await
+}
+
+async fn read_node(shared: Shared, name: String, headers: HeaderMap, suffix: &str) -> Response {
     record(
         &shared,
         "GET",
-        format!("/api/v1/nodes/{name}"),
+        format!("/api/v1/nodes/{name}{suffix}"),
         &headers,
         b"",
     );
