@@ -294,3 +294,76 @@ fn a_hung_or_failing_api_server_never_delays_the_stall_verdict_and_the_condition
     });
     assert_eq!(cleared["reason"], "ContainerRuntimeHealthy");
 }
+
+/// Real OOM kills become Events: `runc:[2:INIT]`'s on the Node, a pod's container's on the
+/// Pod, in the pod's namespace; each once.
+#[test]
+fn oom_kills_become_events_on_the_node_and_on_the_pod() {
+    let api = FakeApiServer::start(&[NODE]);
+    let daemons = PrivateDaemons::start();
+    daemons.import_image("hwtest:oom", &[]);
+    let dir = TempDir::new("ns-oom");
+    let hw = Hangwatch::start(&config(&daemons, &dir, &api, ""), dir.path());
+    wait_for("kernel_log_up 1", Duration::from_secs(10), || {
+        (hw.metric("hangwatch_kernel_log_up", &[]) == Some(1.0)).then_some(())
+    });
+
+    let cgroup = support::oom::TestCgroup::v1_memory_20mib();
+    let victim = support::oom::OomVictim::start("runc:[2:INIT]", &cgroup, dir.path());
+    victim.allocate_until_killed();
+    let (node_events, _) = wait_for("the Node event", Duration::from_secs(10), || {
+        let found = events_of(&api, "RuncInitOOMKilled");
+        (!found.is_empty()).then_some(found)
+    });
+    assert_eq!(node_events.len(), 1, "{node_events:?}");
+    assert_eq!(node_events[0]["involvedObject"]["kind"], "Node");
+    assert!(
+        node_events[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runc:[2:INIT]")),
+        "{}",
+        node_events[0]
+    );
+
+    let uid = "3f1c6f0e-1b7a-4c39-9d7e-5b2a0c4e8a11";
+    let output = daemons.docker(&[
+        "run",
+        "--name",
+        "k8s_cart_cart-1_shop_0",
+        "--label",
+        "io.kubernetes.pod.name=cart-1",
+        "--label",
+        "io.kubernetes.pod.namespace=shop",
+        "--label",
+        &format!("io.kubernetes.pod.uid={uid}"),
+        "--label",
+        "io.kubernetes.container.name=cart",
+        "--network",
+        "none",
+        "-m",
+        "20m",
+        "--memory-swap",
+        "20m",
+        "hwtest:oom",
+        "sh",
+        "-c",
+        "x=a; while true; do x=$x$x; done",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(137),
+        "the container was OOM-killed"
+    );
+    let (pod_events, _) = wait_for("the Pod event", Duration::from_secs(20), || {
+        let found = events_of(&api, "ContainerOOMKilled");
+        (!found.is_empty()).then_some(found)
+    });
+    let event = &pod_events[0];
+    assert_eq!(event["metadata"]["namespace"], "shop");
+    assert_eq!(
+        event["involvedObject"],
+        json!({"apiVersion": "v1", "kind": "Pod", "namespace": "shop", "name": "cart-1", "uid": uid})
+    );
+    assert_eq!(event["source"]["host"], NODE);
+    drop(hw);
+}
