@@ -250,7 +250,84 @@ fn stops_opinion(snapshot: &Snapshot) -> Option<Opinion> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
     use super::*;
+    use crate::sources::Section;
+    use crate::sources::runtime::RuntimeStatus;
+
+    fn snapshot(runtimes: &[(Runtime, RuntimeState)]) -> Snapshot {
+        let statuses = runtimes
+            .iter()
+            .map(|(runtime, state)| RuntimeStatus {
+                runtime: *runtime,
+                state: *state,
+                reason: format!("{} is {}", runtime.daemon_name(), state.as_str()),
+                up: state.is_up(),
+                stalled: state.is_stalled(),
+                state_seconds: 3.0,
+                operations: Vec::new(),
+                permission_denied: false,
+            })
+            .collect();
+        Snapshot {
+            node: "n1".into(),
+            generated_at: SystemTime::UNIX_EPOCH,
+            sections: vec![Arc::new(RuntimesSection(statuses)) as Arc<dyn Section>],
+            incidents: Arc::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn no_opinion_until_every_runtime_has_a_verdict_unless_one_is_already_stuck() {
+        use Runtime::{Containerd, Docker};
+        use RuntimeState::{Healthy, Hung, Pending, Wedged};
+        let kind = ConditionKind::RuntimeUnhealthy;
+        let empty = Snapshot {
+            sections: Vec::new(),
+            ..snapshot(&[])
+        };
+        assert_eq!(opinion(kind, &empty, true), None, "no section yet");
+        assert_eq!(
+            opinion(
+                kind,
+                &snapshot(&[(Docker, Pending), (Containerd, Healthy)]),
+                true
+            ),
+            None
+        );
+        let healthy = opinion(
+            kind,
+            &snapshot(&[(Docker, Healthy), (Containerd, Healthy)]),
+            true,
+        )
+        .expect("opinion");
+        assert!(!healthy.problem);
+        let hung = opinion(
+            kind,
+            &snapshot(&[(Docker, Hung), (Containerd, Pending)]),
+            true,
+        )
+        .expect("opinion");
+        assert_eq!((hung.problem, hung.reason.as_str()), (true, "DockerdHung"));
+        assert_eq!(hung.message, "dockerd is hung: dockerd is hung");
+        let both = opinion(
+            kind,
+            &snapshot(&[(Docker, Hung), (Containerd, Wedged)]),
+            true,
+        )
+        .expect("opinion");
+        assert_eq!(
+            both.reason, "ContainerdWedged",
+            "the lower layer is the cause"
+        );
+        assert_eq!(
+            opinion(ConditionKind::TasksStuck, &snapshot(&[]), false),
+            None,
+            "the /proc scan has not settled"
+        );
+    }
 
     #[test]
     fn every_problem_state_has_a_camel_case_reason_and_no_other_state_has_one() {
