@@ -367,3 +367,66 @@ fn oom_kills_become_events_on_the_node_and_on_the_pod() {
     assert_eq!(event["source"]["host"], NODE);
     drop(hw);
 }
+
+/// The seed's hang without the runtimes: a `runc` blocked opening its `exec.fifo` with no
+/// `runc:[2:INIT]` to meet it sets `RuntimeTasksStuck` with `RuncExecFifoHang`; killing it
+/// clears the condition.
+#[test]
+fn a_runc_blocked_on_its_exec_fifo_sets_runtime_tasks_stuck_until_it_is_gone() {
+    let api = FakeApiServer::start(&[NODE]);
+    let dir = TempDir::new("ns-runc");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let config = format!(
+        "state_dir: {state}\nnode_name: {NODE}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+         proc_scan:\n  interval: 500ms\n  stuck_after: 1s\n  runc_stuck_after: 1s\n\
+         node_status:\n  enabled: true\n  kubeconfig: {}\n  retry_interval: 200ms\n",
+        kubeconfig.display(),
+        state = dir.path().display(),
+    );
+    let id = format!("{:064x}", 0x5eed_u64 + u64::from(std::process::id()));
+    let runc_dir = dir.path().join("runc-state");
+    std::fs::create_dir_all(runc_dir.join(&id)).expect("state dir");
+    let fifo = runc_dir.join(&id).join("exec.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let runc = runc_dir.join("runc");
+    std::os::unix::fs::symlink(support::helper_binary("procscan_block"), &runc).expect("symlink");
+
+    let hw = Hangwatch::start(&config, dir.path());
+    let (healthy, _) = wait_for("RuntimeTasksStuck False", Duration::from_secs(20), || {
+        let c = api.condition(NODE, "RuntimeTasksStuck");
+        (c["status"] == "False").then_some(c)
+    });
+    assert_eq!(healthy["reason"], "NoRuntimeTasksStuck");
+
+    let mut blocked = support::KilledOnDrop(
+        std::process::Command::new(&runc)
+            .args(["fifo-read", fifo.to_str().expect("path")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("runc helper"),
+    );
+    let (stuck, _) = wait_for("RuntimeTasksStuck True", Duration::from_secs(20), || {
+        let c = api.condition(NODE, "RuntimeTasksStuck");
+        (c["status"] == "True").then_some(c)
+    });
+    assert_eq!(stuck["reason"], "RuncExecFifoHang", "{stuck}");
+    assert!(
+        stuck["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exec.fifo") && m.starts_with("runc pid")),
+        "{stuck}"
+    );
+    let _ = blocked.0.kill();
+    let _ = blocked.0.wait();
+    let (cleared, _) = wait_for(
+        "RuntimeTasksStuck False again",
+        Duration::from_secs(20),
+        || {
+            let c = api.condition(NODE, "RuntimeTasksStuck");
+            (c["status"] == "False").then_some(c)
+        },
+    );
+    assert!(time_of(&cleared, "lastTransitionTime") >= time_of(&stuck, "lastTransitionTime"));
+    drop(hw);
+}
