@@ -430,3 +430,121 @@ fn a_runc_blocked_on_its_exec_fifo_sets_runtime_tasks_stuck_until_it_is_gone() {
     assert!(time_of(&cleared, "lastTransitionTime") >= time_of(&stuck, "lastTransitionTime"));
     drop(hw);
 }
+
+/// A cgroup parent of the test's own, frozen through the v1 freezer: a container under it
+/// keeps its SIGKILL pending, so its stop is stuck (see tests/lifecycle.rs). Thawed and
+/// removed on drop.
+struct FrozenParent(String);
+
+impl FrozenParent {
+    fn freezer_state(&self) -> std::path::PathBuf {
+        std::path::Path::new("/sys/fs/cgroup/freezer")
+            .join(&self.0)
+            .join("freezer.state")
+    }
+
+    fn thaw(&self) {
+        let _ = std::fs::write(self.freezer_state(), "THAWED");
+    }
+}
+
+impl Drop for FrozenParent {
+    fn drop(&mut self) {
+        self.thaw();
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for hierarchy in hierarchies.flatten() {
+                let _ = std::fs::remove_dir(hierarchy.path().join(&self.0));
+            }
+        }
+    }
+}
+
+/// A pod's container whose stop is stuck sets `ContainerStopStuck` (held by frozen tasks)
+/// and gets an Event on its Pod; the thaw clears the condition.
+#[test]
+fn a_stuck_stop_sets_container_stop_stuck_and_an_event_on_its_pod() {
+    assert!(
+        std::path::Path::new("/sys/fs/cgroup/freezer").is_dir(),
+        "this test needs the cgroup v1 freezer (hybrid hierarchy)"
+    );
+    let parent = FrozenParent(format!("hwns-{}", std::process::id()));
+    let api = FakeApiServer::start(&[NODE]);
+    let daemons = PrivateDaemons::start();
+    daemons.import_image("hwtest:stop", &[]);
+    let dir = TempDir::new("ns-stop");
+    let extra = "proc_scan:\n  interval: 500ms\n  stuck_after: 2s\nlifecycle:\n  stop_grace: 2s\n";
+    let hw = Hangwatch::start(&config(&daemons, &dir, &api, extra), dir.path());
+    wait_for("ContainerStopStuck False", Duration::from_secs(20), || {
+        (api.condition(NODE, "ContainerStopStuck")["status"] == "False").then_some(())
+    });
+
+    let uid = "9b0c1e2d-3f4a-4b5c-8d6e-7f8091a2b3c4";
+    daemons.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "k8s_web_web-0_shop_0",
+        "--label",
+        "io.kubernetes.pod.name=web-0",
+        "--label",
+        "io.kubernetes.pod.namespace=shop",
+        "--label",
+        &format!("io.kubernetes.pod.uid={uid}"),
+        "--network",
+        "none",
+        "--cgroup-parent",
+        &format!("/{}", parent.0),
+        "hwtest:stop",
+        "sh",
+        "-c",
+        "sleep 1000",
+    ]);
+    wait_for("running", Duration::from_secs(30), || {
+        (daemons.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            "k8s_web_web-0_shop_0",
+        ]) == "true")
+            .then_some(())
+    });
+    std::fs::write(parent.freezer_state(), "FROZEN").expect("freeze");
+    let _stop = support::KilledOnDrop(
+        std::process::Command::new("timeout")
+            .arg("90")
+            .arg(support::daemons::DOCKER_CLI)
+            .arg("-H")
+            .arg(format!("unix://{}", daemons.docker_socket.display()))
+            .args(["stop", "-t", "1", "k8s_web_web-0_shop_0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker stop"),
+    );
+    let (stuck, _) = wait_for("ContainerStopStuck True", Duration::from_secs(30), || {
+        let c = api.condition(NODE, "ContainerStopStuck");
+        (c["status"] == "True" && c["reason"] == "StopHeldByFrozenTasks").then_some(c)
+    });
+    assert!(
+        stuck["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("(pod shop/web-0)") && m.contains("frozen")),
+        "{stuck}"
+    );
+    let (events, _) = wait_for("the Pod's event", Duration::from_secs(15), || {
+        let found = events_of(&api, "ContainerStopStuck");
+        (!found.is_empty()).then_some(found)
+    });
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["metadata"]["namespace"], "shop");
+    assert_eq!(events[0]["involvedObject"]["name"], "web-0");
+    assert_eq!(events[0]["involvedObject"]["uid"], uid);
+
+    parent.thaw();
+    wait_for(
+        "ContainerStopStuck False again",
+        Duration::from_secs(30),
+        || (api.condition(NODE, "ContainerStopStuck")["status"] == "False").then_some(()),
+    );
+    drop(hw);
+}
