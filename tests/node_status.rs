@@ -417,6 +417,21 @@ fn a_runc_blocked_on_its_exec_fifo_sets_runtime_tasks_stuck_until_it_is_gone() {
             .is_some_and(|m| m.contains("exec.fifo") && m.starts_with("runc pid")),
         "{stuck}"
     );
+    // While it stays stuck nothing changes: no PATCH until the heartbeat (5 min) is due.
+    let patches = status_patches(&api).len();
+    let scans = |hw: &Hangwatch| {
+        hw.metric("hangwatch_proc_scan_duration_seconds_count", &[])
+            .unwrap_or(0.0)
+    };
+    let scanned = scans(&hw);
+    wait_for("four more scans", Duration::from_secs(10), || {
+        (scans(&hw) >= scanned + 4.0).then_some(())
+    });
+    assert_eq!(
+        status_patches(&api).len(),
+        patches,
+        "a PATCH without a change"
+    );
     let _ = blocked.0.kill();
     let _ = blocked.0.wait();
     let (cleared, _) = wait_for(

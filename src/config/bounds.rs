@@ -508,6 +508,31 @@ mod tests {
     }
 
     #[test]
+    fn condition_types_are_camel_case_words_and_never_kubelets() {
+        let problems = |type_name: &str| {
+            let mut c = Config::default();
+            c.node_status.tasks_stuck.type_name = type_name.into();
+            check(&c)
+        };
+        assert_eq!(problems("KernelDeadlock"), Vec::new());
+        for bad in [
+            "Ready",
+            "DiskPressure",
+            "runtimeBad",
+            "Has Space",
+            "",
+            &"A".repeat(64),
+        ] {
+            let found = problems(bad);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert_eq!(found[0].key, "node_status.tasks_stuck.type");
+        }
+        let mut c = Config::default();
+        c.node_status.stop_stuck.type_name = c.node_status.tasks_stuck.type_name.clone();
+        assert!(c.validate().is_err(), "two conditions of one type");
+    }
+
+    #[test]
     fn node_names_and_excerpts() {
         assert!(is_dns_subdomain("ip-10-0-0-1.eu-west-1.compute.internal"));
         for bad in ["", "Node", "a/b", "-a", "a..b", "a_b", &"a".repeat(254)] {

@@ -174,12 +174,10 @@ fn tasks_opinion(snapshot: &Snapshot) -> Option<Opinion> {
         } else {
             String::new()
         };
+        // No ages in messages: a message that changed every scan would be a PATCH every scan.
         return Some(Opinion::problem(
             reason,
-            format!(
-                "{} pid {}{on} for {:.0}s{more}",
-                process.comm, process.pid, process.age_seconds
-            ),
+            format!("{} pid {}{on}{more}", process.comm, process.pid),
         ));
     }
     let stuck: Vec<_> = scan
@@ -192,11 +190,10 @@ fn tasks_opinion(snapshot: &Snapshot) -> Option<Opinion> {
         return Some(Opinion::problem(
             "RuntimeTasksInD",
             format!(
-                "{} runtime task(s) in D; {} pid {} in {wchan} for {:.0}s",
+                "{} runtime task(s) in D; {} pid {} in {wchan}",
                 stuck.len(),
                 first.comm,
-                first.tid,
-                first.seconds_in_d
+                first.tid
             ),
         ));
     }
