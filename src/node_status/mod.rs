@@ -83,8 +83,8 @@ struct EventQueue {
 }
 
 impl Publisher {
-    /// None, with the reason logged, when the API configuration cannot be built: the
-    /// daemon runs on without conditions.
+    /// Fails when the API configuration cannot be built (no kubeconfig, not in a cluster);
+    /// the daemon then logs why and runs on without conditions.
     pub fn new(config: Arc<Config>) -> Result<Publisher, String> {
         let ns = &config.node_status;
         let client = ApiClient::from_config(&ns.kubeconfig, ns.request_timeout)?;
