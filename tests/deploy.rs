@@ -65,13 +65,13 @@ fn daemonset_config_is_the_default_with_host_paths() {
     let config = Config::load(Some(&Path::new(ROOT).join("deploy/base/hangwatch.yaml")))
         .expect("valid config");
     let mut expected = Config::default();
+    expected.node_status.enabled = true;
     expected.docker.socket = "/host/run/docker.sock".into();
     expected.docker.exec_root = "/host/run/docker".into();
     expected.docker.pidfile = "/host/run/docker.pid".into();
     expected.containerd.socket = "/host/run/containerd/containerd.sock".into();
     expected.containerd.stack_dump_dir = "/host/tmp".into();
     expected.proc_scan.cgroup_root = "/host/sys/fs/cgroup".into();
-    expected.node_status.enabled = true;
     assert_eq!(config, expected);
 }
 
