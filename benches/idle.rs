@@ -2,7 +2,8 @@
 //! RSS (peak and at the end) and CPU share of one core over a window (60 s by default,
 //! `HANGWATCH_IDLE_SECONDS` to change), and the binary's size. Targets: private memory
 //! (RssAnon) ≤ 6 MiB, RSS ≤ 12 MiB (the rest is the binary's text, shared page cache),
-//! CPU ≤ 0.2 % of a core.
+//! CPU ≤ 0.2 % of a core. `HANGWATCH_IDLE_NODE_STATUS=1` also publishes node conditions
+//! to the fake API server (heartbeat every 5 s instead of 5 min, so the client's cost shows).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -45,7 +46,20 @@ fn main() {
         .unwrap_or(60);
     let daemons = PrivateDaemons::start();
     let dir = TempDir::new("bench-idle");
-    let hw = Hangwatch::start(&daemons.hangwatch_config(dir.path(), ""), dir.path());
+    let api = std::env::var_os("HANGWATCH_IDLE_NODE_STATUS")
+        .map(|_| support::fake_apiserver::FakeApiServer::start(&["bench-node"]));
+    let extra = match &api {
+        Some(api) => {
+            let kubeconfig = dir.path().join("kubeconfig");
+            std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+            format!(
+                "node_name: bench-node\nnode_status:\n  enabled: true\n  kubeconfig: {}\n  heartbeat_period: 5s\n",
+                kubeconfig.display()
+            )
+        }
+        None => String::new(),
+    };
+    let hw = Hangwatch::start(&daemons.hangwatch_config(dir.path(), &extra), dir.path());
     let pid = hw.pid();
     // Let start-up (first probes, allocations) settle before measuring.
     std::thread::sleep(Duration::from_secs(5));
@@ -66,7 +80,14 @@ fn main() {
     let size = std::fs::metadata(support::hangwatch::binary())
         .map(|m| m.len())
         .unwrap_or(0);
-    println!("idle over {wall:.0} s with healthy private daemons, default intervals:");
+    let publishing = match &api {
+        Some(api) => format!(
+            ", node conditions published ({} status patches)",
+            api.patches().len()
+        ),
+        None => String::new(),
+    };
+    println!("idle over {wall:.0} s with healthy private daemons, default intervals{publishing}:");
     println!(
         "  CPU: {cpu_seconds:.2} s = {:.3} % of one core",
         100.0 * cpu_seconds / wall

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::engine::{DaemonEffects, Engine};
 use crate::heartbeat::Heartbeats;
 use crate::http::{self, Readers};
+use crate::node_status;
 use crate::signal;
 use crate::sources::{self, DetectorContext, Now, Source};
 
@@ -66,6 +67,18 @@ pub async fn run_sources(config: Config, sources: Vec<Box<dyn Source>>) -> Resul
         loaded,
         Now::read(),
     );
+    let publisher = if config.node_status.enabled {
+        match node_status::Publisher::new(config.clone()) {
+            Ok(publisher) => Some(publisher),
+            Err(e) => {
+                tracing::error!(error = %e, "node conditions disabled: no Kubernetes API configuration");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let publisher_snapshot = snapshot.clone();
     let readers = Readers {
         metrics: engine.metrics(),
         snapshot,
@@ -97,6 +110,15 @@ pub async fn run_sources(config: Config, sources: Vec<Box<dyn Source>>) -> Resul
         });
     }
     drop(sender);
+    if let Some(publisher) = publisher {
+        let (heartbeats, shutdown) = (heartbeats.clone(), shutdown.clone());
+        loops.spawn(async move {
+            publisher
+                .run(publisher_snapshot, heartbeats, shutdown)
+                .await;
+            "node_status".to_string()
+        });
+    }
     let http_shutdown = shutdown.clone();
     loops.spawn(async move {
         http::serve(listener, readers, http_shutdown).await;

@@ -13,6 +13,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod http_server;
 pub mod metrics;
+pub mod node_status;
 pub mod output;
 pub mod persist;
 pub mod process;

@@ -90,6 +90,7 @@ impl Metrics {
         let build_info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
         registry.register("hangwatch_build", "hangwatch build information", build_info);
         registry.register_collector(Box::new(crate::persist::StateWriteFailures));
+        registry.register_collector(Box::new(crate::node_status::KubeMetrics));
         crate::http::register_server_metrics(&mut registry);
 
         let m = Metrics {

@@ -23,24 +23,33 @@ pub enum StateKind {
     KernelPosition,
     /// `incidents/<id>.json`.
     Incident,
+    /// `kube-events.json`: the Kubernetes Events sent, so a restart sends none twice.
+    KubeEvents,
 }
 
 impl StateKind {
-    const ALL: [StateKind; 2] = [StateKind::KernelPosition, StateKind::Incident];
+    const ALL: [StateKind; 3] = [
+        StateKind::KernelPosition,
+        StateKind::Incident,
+        StateKind::KubeEvents,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             StateKind::KernelPosition => "kernel_position",
             StateKind::Incident => "incident",
+            StateKind::KubeEvents => "kube_events",
         }
     }
 
     fn counter(self) -> &'static AtomicU64 {
         static KERNEL_POSITION: AtomicU64 = AtomicU64::new(0);
         static INCIDENT: AtomicU64 = AtomicU64::new(0);
+        static KUBE_EVENTS: AtomicU64 = AtomicU64::new(0);
         match self {
             StateKind::KernelPosition => &KERNEL_POSITION,
             StateKind::Incident => &INCIDENT,
+            StateKind::KubeEvents => &KUBE_EVENTS,
         }
     }
 }
@@ -94,7 +103,7 @@ impl Collector for StateWriteFailures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "hangwatch_state_write_failures",
-            "Writes under state_dir that failed, by kind (kernel_position, incident)",
+            "Writes under state_dir that failed, by kind (kernel_position, incident, kube_events)",
             None,
             MetricType::Counter,
         )?;

@@ -65,6 +65,7 @@ fn daemonset_config_is_the_default_with_host_paths() {
     let config = Config::load(Some(&Path::new(ROOT).join("deploy/base/hangwatch.yaml")))
         .expect("valid config");
     let mut expected = Config::default();
+    expected.node_status.enabled = true;
     expected.docker.socket = "/host/run/docker.sock".into();
     expected.docker.exec_root = "/host/run/docker".into();
     expected.docker.pidfile = "/host/run/docker.pid".into();
@@ -221,9 +222,12 @@ fn cordoner_may_touch_nodes_only_and_runs_two_unprivileged_replicas() {
     );
     let roles = docs
         .iter()
-        .filter(|d| d["kind"].as_str().is_some_and(|k| k.ends_with("Role")))
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
         .count();
-    assert_eq!(roles, 1, "the DaemonSet needs no API access");
+    assert_eq!(
+        roles, 2,
+        "the cordoner's and the DaemonSet's node-status role, no other"
+    );
     let deployment = docs
         .iter()
         .find(|d| d["kind"] == "Deployment")
@@ -265,6 +269,63 @@ fn cordoner_may_touch_nodes_only_and_runs_two_unprivileged_replicas() {
         &args.iter().copied().chain(["--help"]).collect::<Vec<_>>(),
     );
     assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn the_daemonset_may_patch_node_status_and_write_events_and_nothing_else() {
+    let docs = documents(&kustomize("deploy/base"));
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "hangwatch-node-status")
+        .expect("ClusterRole hangwatch-node-status");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["get", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        ]),
+        "least privilege: nodes/status get/patch, events create/patch"
+    );
+    let binding = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ClusterRoleBinding" && d["roleRef"]["name"] == "hangwatch-node-status"
+        })
+        .expect("binding");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "hangwatch", "namespace": "hangwatch"}])
+    );
+    let account = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "hangwatch")
+        .expect("ServiceAccount");
+    assert_eq!(
+        account["automountServiceAccountToken"], false,
+        "not by default"
+    );
+    let daemonset = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("DaemonSet");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "hangwatch");
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "where needed: the DaemonSet"
+    );
+    let cordoner = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("cordoner");
+    assert_ne!(
+        cordoner["spec"]["template"]["spec"]["serviceAccountName"],
+        "hangwatch"
+    );
+    let config = Config::load(Some(&Path::new(ROOT).join("deploy/base/hangwatch.yaml")))
+        .expect("valid config");
+    assert!(config.node_status.enabled, "on in deploy/");
+    assert!(!Config::default().node_status.enabled, "off on a laptop");
 }
 
 #[test]

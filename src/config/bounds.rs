@@ -410,7 +410,93 @@ pub fn check(c: &Config) -> Vec<Problem> {
         0,
         10_000,
     );
+
+    let ns = &c.node_status;
+    path(
+        out,
+        "node_status.kubeconfig",
+        &ns.kubeconfig,
+        false,
+        MAX_PATH,
+    );
+    duration(
+        out,
+        "node_status.request_timeout",
+        ns.request_timeout,
+        ms(100),
+        s(5 * MINUTE),
+    );
+    duration(
+        out,
+        "node_status.heartbeat_period",
+        ns.heartbeat_period,
+        s(1),
+        s(HOUR),
+    );
+    duration(
+        out,
+        "node_status.retry_interval",
+        ns.retry_interval,
+        ms(100),
+        s(10 * MINUTE),
+    );
+    duration(out, "node_status.hold_down", ns.hold_down, ms(0), s(DAY));
+    for (key, condition) in [
+        ("node_status.runtime_unhealthy.type", &ns.runtime_unhealthy),
+        ("node_status.tasks_stuck.type", &ns.tasks_stuck),
+        ("node_status.stop_stuck.type", &ns.stop_stuck),
+    ] {
+        condition_type(out, key, &condition.type_name);
+    }
+    count(
+        out,
+        "node_status.events.max_per_minute",
+        u64::from(ns.events.max_per_minute),
+        1,
+        600,
+    );
+    duration(
+        out,
+        "node_status.events.series_window",
+        ns.events.series_window,
+        s(1),
+        s(DAY),
+    );
     p
+}
+
+/// Conditions kubelet owns: hangwatch must never write them, so it may not be told to own one.
+pub const KUBELET_CONDITIONS: [&str; 5] = [
+    "Ready",
+    "MemoryPressure",
+    "DiskPressure",
+    "PIDPressure",
+    "NetworkUnavailable",
+];
+const MAX_CONDITION_TYPE: usize = 63;
+
+/// A condition type is a CamelCase word (what NHC, MHC, draino and Karpenter match on), not one
+/// of kubelet's.
+fn condition_type(problems: &mut Vec<Problem>, key: &str, value: &str) {
+    let word = !value.is_empty()
+        && value.len() <= MAX_CONDITION_TYPE
+        && value.starts_with(|c: char| c.is_ascii_uppercase())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !word {
+        problems.push(Problem::new(
+            key,
+            format!(
+                "{key} `{}` must be 1 to {MAX_CONDITION_TYPE} ASCII letters and digits starting \
+                 with a capital (e.g. ContainerRuntimeUnhealthy)",
+                excerpt(value)
+            ),
+        ));
+    } else if KUBELET_CONDITIONS.contains(&value) {
+        problems.push(Problem::new(
+            key,
+            format!("{key} `{value}` is kubelet's condition; hangwatch never writes it"),
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +506,31 @@ mod tests {
     #[test]
     fn defaults_are_within_every_bound() {
         assert_eq!(check(&Config::default()), Vec::new());
+    }
+
+    #[test]
+    fn condition_types_are_camel_case_words_and_never_kubelets() {
+        let problems = |type_name: &str| {
+            let mut c = Config::default();
+            c.node_status.tasks_stuck.type_name = type_name.into();
+            check(&c)
+        };
+        assert_eq!(problems("KernelDeadlock"), Vec::new());
+        for bad in [
+            "Ready",
+            "DiskPressure",
+            "runtimeBad",
+            "Has Space",
+            "",
+            &"A".repeat(64),
+        ] {
+            let found = problems(bad);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert_eq!(found[0].key, "node_status.tasks_stuck.type");
+        }
+        let mut c = Config::default();
+        c.node_status.stop_stuck.type_name = c.node_status.tasks_stuck.type_name.clone();
+        assert!(c.validate().is_err(), "two conditions of one type");
     }
 
     #[test]

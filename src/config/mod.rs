@@ -37,6 +37,7 @@ pub struct Config {
     pub dumps: DumpConfig,
     pub incidents: IncidentConfig,
     pub lifecycle: LifecycleConfig,
+    pub node_status: NodeStatusConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -236,6 +237,91 @@ pub struct LifecycleConfig {
     pub max_stuck_series: usize,
 }
 
+/// Node conditions and Events on the Kubernetes API (`src/node_status/`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeStatusConfig {
+    pub enabled: bool,
+    /// Empty: in-cluster (service-account token and CA, `KUBERNETES_SERVICE_HOST`).
+    pub kubeconfig: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hold_down: Duration,
+    pub runtime_unhealthy: ConditionConfig,
+    pub tasks_stuck: ConditionConfig,
+    pub stop_stuck: ConditionConfig,
+    pub events: NodeEventsConfig,
+}
+
+/// One condition hangwatch owns on its Node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionConfig {
+    pub enabled: bool,
+    /// The condition's `type`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub polarity: Polarity,
+}
+
+/// What `status: "True"` means for a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Polarity {
+    /// True while the problem holds (node-problem-detector's style: `KernelDeadlock=True`).
+    Problem,
+    /// True while healthy (Karpenter's and EKS's `ContainerRuntimeReady=False` is the problem).
+    Healthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeEventsConfig {
+    pub enabled: bool,
+    /// Events created or updated per minute at most; the rest are dropped and counted.
+    pub max_per_minute: u32,
+    /// A repeat within this window updates the event's count and lastTimestamp.
+    #[serde(with = "humantime_serde")]
+    pub series_window: Duration,
+}
+
+impl Default for NodeStatusConfig {
+    fn default() -> Self {
+        let condition = |type_name: &str| ConditionConfig {
+            enabled: true,
+            type_name: type_name.into(),
+            polarity: Polarity::Problem,
+        };
+        NodeStatusConfig {
+            enabled: false,
+            kubeconfig: PathBuf::new(),
+            request_timeout: secs(10),
+            heartbeat_period: secs(300),
+            retry_interval: secs(5),
+            hold_down: secs(0),
+            runtime_unhealthy: condition("ContainerRuntimeUnhealthy"),
+            tasks_stuck: condition("RuntimeTasksStuck"),
+            stop_stuck: condition("ContainerStopStuck"),
+            events: NodeEventsConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeEventsConfig {
+    fn default() -> Self {
+        NodeEventsConfig {
+            enabled: true,
+            max_per_minute: 12,
+            series_window: secs(600),
+        }
+    }
+}
+
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -257,6 +343,7 @@ impl Default for Config {
             dumps: DumpConfig::default(),
             incidents: IncidentConfig { keep: 100 },
             lifecycle: LifecycleConfig::default(),
+            node_status: NodeStatusConfig::default(),
         }
     }
 }
@@ -525,6 +612,18 @@ impl Config {
                     ),
                 ));
             }
+        }
+        let ns = &self.node_status;
+        let types = [
+            &ns.runtime_unhealthy.type_name,
+            &ns.tasks_stuck.type_name,
+            &ns.stop_stuck.type_name,
+        ];
+        if types[0] == types[1] || types[0] == types[2] || types[1] == types[2] {
+            problems.push(Problem::new(
+                "node_status.tasks_stuck.type",
+                "node_status: each condition needs a type of its own",
+            ));
         }
         if self
             .log

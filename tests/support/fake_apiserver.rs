@@ -1,11 +1,20 @@
-//! A fake Kubernetes API server for the cordoner's tests: the one fake the project allows.
-//! It serves Nodes as the real API does (`v1` Node objects with uid, resourceVersion,
-//! creationTimestamp, spec and status; `NodeList`), applies PATCH with the real semantics of
-//! the content types kube-rs sends (`application/merge-patch+json`, RFC 7386, honouring a
-//! `metadata.resourceVersion` precondition with 409 Conflict; `application/json-patch+json`,
-//! RFC 6902), answers errors with real `Status` objects, and records every request. Strategic
-//! merge and server-side apply are not implemented: hangwatch sends neither, and the fake
-//! answers them 415 rather than pretend.
+//! A fake Kubernetes API server for the cordoner's and the node-status publisher's tests:
+//! the one fake the project allows. It serves Nodes as the real API does (`v1` Node objects
+//! with uid, resourceVersion, creationTimestamp, spec and status; `NodeList`), with the
+//! `status` subresource (`/api/v1/nodes/{name}/status`: a write there changes only `status`,
+//! a write to the node itself never changes `status`, as the real node strategies do), and
+//! core/v1 Events (create, read, list, patch; 409 AlreadyExists on a name taken, 404 on a
+//! patch of a missing one; an event's namespace must match its object's, `default` for a
+//! Node). PATCH has the real semantics of each content type: `application/merge-patch+json`
+//! (RFC 7386: a list is replaced whole, so a merge patch of `status.conditions` drops the
+//! conditions it does not carry), `application/strategic-merge-patch+json` (maps merged,
+//! `status.conditions` and `status.addresses` merged by their patch merge key `type`, other
+//! lists replaced, `null` deletes, `$patch: delete` removes a list item) and
+//! `application/json-patch+json` (RFC 6902); every kind honours a `metadata.resourceVersion`
+//! precondition with 409 Conflict; condition times must be RFC 3339 (400 otherwise, as the
+//! real decoder answers). Errors are real `Status` objects; every request is recorded. Modes:
+//! every request hangs (`hang`) or answers 500 (`fail`). Server-side apply is not
+//! implemented: nothing here sends it, and the fake answers it 415 rather than pretend.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -33,6 +42,8 @@ pub struct Recorded {
 #[derive(Default)]
 struct Cluster {
     nodes: BTreeMap<String, Value>,
+    /// (namespace, name) → Event.
+    events: BTreeMap<(String, String), Value>,
     requests: Vec<Recorded>,
 }
 
@@ -41,6 +52,7 @@ struct Shared {
     cluster: Arc<Mutex<Cluster>>,
     resource_version: Arc<AtomicU64>,
     hang: Arc<AtomicBool>,
+    fail: Arc<AtomicBool>,
     conflicts: Arc<AtomicU64>,
 }
 
@@ -197,6 +209,7 @@ impl FakeApiServer {
             cluster: Arc::default(),
             resource_version: Arc::new(AtomicU64::new(1000)),
             hang: Arc::default(),
+            fail: Arc::default(),
             conflicts: Arc::default(),
         };
         {
@@ -220,6 +233,18 @@ impl FakeApiServer {
         let app = Router::new()
             .route("/api/v1/nodes", get(list))
             .route("/api/v1/nodes/{name}", get(read).patch(patch))
+            .route(
+                "/api/v1/nodes/{name}/status",
+                get(read_status).patch(patch_status),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/events",
+                get(list_events).post(create_event),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/events/{name}",
+                get(read_event).patch(patch_event),
+            )
             .with_state(shared.clone());
         runtime.spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -286,6 +311,33 @@ impl FakeApiServer {
     pub fn hang(&self, on: bool) {
         self.shared.hang.store(on, Ordering::Relaxed);
     }
+
+    /// Answer every request 500 InternalError (until `fail(false)`), as an API server whose
+    /// etcd is gone does.
+    pub fn fail(&self, on: bool) {
+        self.shared.fail.store(on, Ordering::Relaxed);
+    }
+
+    /// The node's condition of `type_name`, or Null.
+    pub fn condition(&self, node: &str, type_name: &str) -> Value {
+        self.node(node)["status"]["conditions"]
+            .as_array()
+            .and_then(|list| list.iter().find(|c| c["type"] == type_name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Every stored Event, oldest name first.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared
+            .cluster
+            .lock()
+            .expect("lock")
+            .events
+            .values()
+            .cloned()
+            .collect()
+    }
 }
 
 impl Drop for FakeApiServer {
@@ -300,6 +352,18 @@ async fn wait_while_hung(shared: &Shared) {
     while shared.hang.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The 500 of `fail` mode, or None.
+fn failing(shared: &Shared) -> Option<Response> {
+    shared.fail.load(Ordering::Relaxed).then(|| {
+        status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "Internal error occurred: etcdserver: request timed out".into(),
+            "",
+        )
+    })
 }
 
 fn record(shared: &Shared, method: &str, path: String, headers: &HeaderMap, body: &[u8]) {
@@ -332,6 +396,9 @@ async fn list(
 ) -> Response {
     record(&shared, "GET", "/api/v1/nodes".into(), &headers, b"");
     wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
     let cluster = shared.cluster.lock().expect("lock");
     let rv = shared.resource_version.load(Ordering::Relaxed);
     let start: usize = query
@@ -381,14 +448,30 @@ async fn read(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    read_node(shared, name, headers, "").await
+}
+
+/// The status subresource answers the whole Node, as the real one does.
+async fn read_status(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    read_node(shared, name, headers, "/status").await
+}
+
+async fn read_node(shared: Shared, name: String, headers: HeaderMap, suffix: &str) -> Response {
     record(
         &shared,
         "GET",
-        format!("/api/v1/nodes/{name}"),
+        format!("/api/v1/nodes/{name}{suffix}"),
         &headers,
         b"",
     );
     wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
     let cluster = shared.cluster.lock().expect("lock");
     match cluster.nodes.get(&name) {
         Some(node) => (
@@ -405,7 +488,15 @@ async fn read(
     }
 }
 
-/// `dryRun=All` validates and answers the result without storing it, as the real API does.
+/// Which part of a Node a write may change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subresource {
+    /// `/api/v1/nodes/{name}`: everything but `status`.
+    Main,
+    /// `/api/v1/nodes/{name}/status`: `status` only (and metadata).
+    Status,
+}
+
 async fn patch(
     State(shared): State<Shared>,
     Path(name): Path<String>,
@@ -413,13 +504,143 @@ async fn patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    patch_node(shared, name, query, headers, body, Subresource::Main).await
+}
+
+async fn patch_status(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_node(shared, name, query, headers, body, Subresource::Status).await
+}
+
+/// The list merge keys of a Node's strategic merge patch (`patchMergeKey` in the API types).
+fn merge_key(path: &[&str]) -> Option<&'static str> {
+    match path {
+        ["status", "conditions"] | ["status", "addresses"] => Some("type"),
+        ["spec", "taints"] => Some("key"),
+        _ => None,
+    }
+}
+
+/// Strategic merge patch: maps merge, `null` deletes, lists with a merge key merge item by
+/// item (`$patch: delete` removes one), other lists are replaced.
+fn strategic_merge(
+    target: &mut Value,
+    patch: &Value,
+    path: &mut Vec<String>,
+) -> Result<(), String> {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let object = target.as_object_mut().expect("made an object");
+            for (key, value) in fields {
+                if key.starts_with('$') {
+                    return Err(format!("unsupported directive {key}"));
+                }
+                path.push(key.clone());
+                let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+                let list_key = merge_key(&keys);
+                let dotted = keys.join(".");
+                if value.is_null() {
+                    object.remove(key);
+                } else if let (Some(merge_key), Value::Array(items)) = (list_key, value) {
+                    let list = object.entry(key.clone()).or_insert(json!([]));
+                    if !list.is_array() {
+                        *list = json!([]);
+                    }
+                    let list = list.as_array_mut().expect("made a list");
+                    for item in items {
+                        let id = item[merge_key].as_str().ok_or_else(|| {
+                            format!("{dotted} item without its merge key {merge_key}")
+                        })?;
+                        let at = list.iter().position(|e| e[merge_key].as_str() == Some(id));
+                        if item["$patch"] == "delete" {
+                            if let Some(at) = at {
+                                list.remove(at);
+                            }
+                            continue;
+                        }
+                        match at {
+                            Some(at) => strategic_merge(&mut list[at], item, path)?,
+                            None => list.push(item.clone()),
+                        }
+                    }
+                } else {
+                    strategic_merge(
+                        object.entry(key.clone()).or_insert(Value::Null),
+                        value,
+                        path,
+                    )?;
+                }
+                path.pop();
+            }
+        }
+        other => *target = other.clone(),
+    }
+    Ok(())
+}
+
+/// What the real decoder refuses in a Node: condition times that are not RFC 3339.
+fn invalid_node(node: &Value) -> Option<String> {
+    for condition in node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for field in ["lastHeartbeatTime", "lastTransitionTime"] {
+            match &condition[field] {
+                Value::Null => {}
+                Value::String(t) if humantime::parse_rfc3339(t).is_ok() => {}
+                other => {
+                    return Some(format!(
+                        "Node in version \"v1\" cannot be handled as a Node: parsing time {other} as RFC 3339"
+                    ));
+                }
+            }
+        }
+        if !matches!(
+            condition["status"].as_str(),
+            Some("True" | "False" | "Unknown")
+        ) {
+            return Some(format!(
+                "status.conditions: Unsupported value: {}: supported values: \"True\", \"False\", \"Unknown\"",
+                condition["status"]
+            ));
+        }
+    }
+    None
+}
+
+/// `dryRun=All` validates and answers the result without storing it, as the real API does.
+async fn patch_node(
+    shared: Shared,
+    name: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+    subresource: Subresource,
+) -> Response {
     let dry_run = query.get("dryRun").map(String::as_str) == Some("All");
     let path = format!(
-        "/api/v1/nodes/{name}{}",
+        "/api/v1/nodes/{name}{}{}",
+        if subresource == Subresource::Status {
+            "/status"
+        } else {
+            ""
+        },
         if dry_run { "?dryRun=All" } else { "" }
     );
     record(&shared, "PATCH", path, &headers, &body);
     wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -457,21 +678,28 @@ async fn patch(
         );
     };
     let mut updated = node.clone();
-    match content_type.split(';').next().unwrap_or_default() {
-        "application/merge-patch+json" => {
-            if let Some(wanted) = patch["metadata"]["resourceVersion"].as_str()
-                && node["metadata"]["resourceVersion"].as_str() != Some(wanted)
-            {
-                return status(
-                    StatusCode::CONFLICT,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-                    ),
-                    &name,
-                );
+    let kind = content_type.split(';').next().unwrap_or_default();
+    if matches!(
+        kind,
+        "application/merge-patch+json" | "application/strategic-merge-patch+json"
+    ) && let Some(wanted) = patch["metadata"]["resourceVersion"].as_str()
+        && node["metadata"]["resourceVersion"].as_str() != Some(wanted)
+    {
+        return status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            ),
+            &name,
+        );
+    }
+    match kind {
+        "application/merge-patch+json" => merge_patch(&mut updated, &patch),
+        "application/strategic-merge-patch+json" => {
+            if let Err(e) = strategic_merge(&mut updated, &patch, &mut Vec::new()) {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", e, &name);
             }
-            merge_patch(&mut updated, &patch);
         }
         "application/json-patch+json" => {
             if let Err(e) = json_patch(&mut updated, &patch) {
@@ -483,11 +711,19 @@ async fn patch(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "UnsupportedMediaType",
                 format!(
-                    "this fake applies application/json-patch+json and application/merge-patch+json only (got {other})"
+                    "this fake applies json-patch, merge-patch and strategic-merge-patch only (got {other})"
                 ),
                 &name,
             );
         }
+    }
+    // The node strategies: the status subresource keeps the spec, the node keeps its status.
+    match subresource {
+        Subresource::Status => updated["spec"] = node["spec"].clone(),
+        Subresource::Main => updated["status"] = node["status"].clone(),
+    }
+    if let Some(message) = invalid_node(&updated) {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", message, &name);
     }
     if dry_run {
         return (
@@ -504,4 +740,251 @@ async fn patch(
         updated.to_string(),
     )
         .into_response()
+}
+
+fn event_status(code: StatusCode, reason: &str, message: String, name: &str) -> Response {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": {"name": name, "kind": "events"},
+        "code": code.as_u16(),
+    });
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// What the real validation refuses in a core/v1 Event.
+fn invalid_event(namespace: &str, event: &Value) -> Option<String> {
+    let object = &event["involvedObject"];
+    let object_namespace = object["namespace"].as_str().unwrap_or_default();
+    if object_namespace.is_empty() {
+        if namespace != "default" {
+            return Some(format!(
+                "involvedObject.namespace: Invalid value: \"\": does not match event.namespace {namespace}"
+            ));
+        }
+    } else if object_namespace != namespace {
+        return Some(format!(
+            "involvedObject.namespace: Invalid value: \"{object_namespace}\": does not match event.namespace"
+        ));
+    }
+    if !matches!(event["type"].as_str(), Some("Normal" | "Warning")) {
+        return Some("type: Unsupported value: supported values: \"Normal\", \"Warning\"".into());
+    }
+    if event["reason"].as_str().is_none_or(str::is_empty) || object["kind"].as_str().is_none() {
+        return Some("reason and involvedObject.kind are required".into());
+    }
+    for field in ["firstTimestamp", "lastTimestamp"] {
+        if let Some(t) = event[field].as_str()
+            && humantime::parse_rfc3339(t).is_err()
+        {
+            return Some(format!("{field}: not RFC 3339: {t}"));
+        }
+    }
+    None
+}
+
+async fn create_event(
+    State(shared): State<Shared>,
+    Path(namespace): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &shared,
+        "POST",
+        format!("/api/v1/namespaces/{namespace}/events"),
+        &headers,
+        &body,
+    );
+    wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
+    let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
+        return event_status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "body is not JSON".into(),
+            "",
+        );
+    };
+    let name = event["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if name.is_empty() {
+        return event_status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name: Required value".into(),
+            "",
+        );
+    }
+    if let Some(message) = invalid_event(&namespace, &event) {
+        return event_status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message, &name);
+    }
+    let mut cluster = shared.cluster.lock().expect("lock");
+    let key = (namespace.clone(), name.clone());
+    if cluster.events.contains_key(&key) {
+        return event_status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("events \"{name}\" already exists"),
+            &name,
+        );
+    }
+    let rv = shared.resource_version.fetch_add(1, Ordering::Relaxed);
+    event["metadata"]["namespace"] = json!(namespace);
+    event["metadata"]["uid"] = json!(format!("7e2b0c1d-0000-4000-8000-{rv:012}"));
+    event["metadata"]["resourceVersion"] = json!(rv.to_string());
+    event["metadata"]["creationTimestamp"] = json!("2026-12-01T00:00:00Z");
+    event["apiVersion"] = json!("v1");
+    event["kind"] = json!("Event");
+    cluster.events.insert(key, event.clone());
+    json_response(StatusCode::CREATED, &event)
+}
+
+async fn read_event(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &shared,
+        "GET",
+        format!("/api/v1/namespaces/{namespace}/events/{name}"),
+        &headers,
+        b"",
+    );
+    wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
+    let cluster = shared.cluster.lock().expect("lock");
+    match cluster.events.get(&(namespace, name.clone())) {
+        Some(event) => json_response(StatusCode::OK, event),
+        None => event_status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("events \"{name}\" not found"),
+            &name,
+        ),
+    }
+}
+
+async fn list_events(
+    State(shared): State<Shared>,
+    Path(namespace): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &shared,
+        "GET",
+        format!("/api/v1/namespaces/{namespace}/events"),
+        &headers,
+        b"",
+    );
+    wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
+    let cluster = shared.cluster.lock().expect("lock");
+    let items: Vec<&Value> = cluster
+        .events
+        .iter()
+        .filter(|((ns, _), _)| *ns == namespace)
+        .map(|(_, e)| e)
+        .collect();
+    let rv = shared.resource_version.load(Ordering::Relaxed);
+    json_response(
+        StatusCode::OK,
+        &json!({"apiVersion": "v1", "kind": "EventList",
+                "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+    )
+}
+
+/// Merge and strategic-merge patches of an Event (it has no merge-keyed list, so both merge
+/// maps and replace lists).
+async fn patch_event(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &shared,
+        "PATCH",
+        format!("/api/v1/namespaces/{namespace}/events/{name}"),
+        &headers,
+        &body,
+    );
+    wait_while_hung(&shared).await;
+    if let Some(failed) = failing(&shared) {
+        return failed;
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !matches!(
+        content_type.split(';').next().unwrap_or_default(),
+        "application/merge-patch+json" | "application/strategic-merge-patch+json"
+    ) {
+        return event_status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "this fake patches events with merge or strategic merge only (got {content_type})"
+            ),
+            &name,
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return event_status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "body is not JSON".into(),
+            &name,
+        );
+    };
+    let mut cluster = shared.cluster.lock().expect("lock");
+    let Some(event) = cluster
+        .events
+        .get(&(namespace.clone(), name.clone()))
+        .cloned()
+    else {
+        return event_status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("events \"{name}\" not found"),
+            &name,
+        );
+    };
+    let mut updated = event;
+    merge_patch(&mut updated, &patch);
+    if let Some(message) = invalid_event(&namespace, &updated) {
+        return event_status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message, &name);
+    }
+    let rv = shared.resource_version.fetch_add(1, Ordering::Relaxed);
+    updated["metadata"]["resourceVersion"] = json!(rv.to_string());
+    cluster.events.insert((namespace, name), updated.clone());
+    json_response(StatusCode::OK, &updated)
 }

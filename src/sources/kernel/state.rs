@@ -188,6 +188,12 @@ pub fn enrich_event(event: &mut KernelEvent, directory: &ContainerDirectory) -> 
     event.container_name.clone_from(&info.name);
     event.pod.clone_from(&info.pod);
     event.namespace.clone_from(&info.namespace);
+    // Docker's cgroup paths carry no pod UID; its labels do (a Pod's Events need it).
+    if let Some(owner) = event.owner.as_mut()
+        && owner.pod_uid.is_none()
+    {
+        owner.pod_uid.clone_from(&info.pod_uid);
+    }
     true
 }
 
