@@ -354,3 +354,63 @@ fn a_signal_for_no_registered_source_is_dropped() {
     d.evaluate(0.25);
     assert_eq!(d.docker_state(), RuntimeState::Pending);
 }
+
+#[test]
+fn an_oom_storm_during_an_incident_is_saved_and_listed_once_per_evaluation() {
+    use crate::sources::kernel::detect::{KernelSignal, Pipeline, kernel_time_to_wall, parse_record};
+    let mut config = docker_only();
+    config.kernel_log.enabled = true;
+    let mut pipeline = Pipeline::new(&config.kernel_log, &[]).unwrap();
+    let mut d = Driven::new(config);
+    d.healthy_round(0.0);
+    d.evaluate(0.25);
+    let _ping = d.start(Operation::Ping, 1.0);
+    d.evaluate(12.0);
+    let incident = d.incidents()[0].clone();
+    assert!(incident.is_open());
+    d.done.taken();
+
+    for kill in 0..1000_u32 {
+        let line = format!(
+            "3,{},{},-;Memory cgroup out of memory: Killed process {} (runc:[2:INIT]) total-vm:1kB, anon-rss:1kB, file-rss:0kB",
+            100 + kill,
+            12_000_000 + kill,
+            5000 + kill
+        );
+        for event in pipeline.process(&parse_record(line.as_bytes()).unwrap()) {
+            let at = kernel_time_to_wall(event.ts_usec);
+            let signal = KernelSignal::Event {
+                event: Box::new(event),
+                at,
+            };
+            let now = d.clock.at(12.0 + f64::from(kill) * 0.0002);
+            d.engine
+                .apply(Signal::source(sources::kernel::NAME, signal), now);
+        }
+    }
+    assert!(
+        d.done.taken().is_empty(),
+        "no save per event: the updates wait for the evaluation"
+    );
+    assert!(
+        d.incidents()[0].evidence.is_empty(),
+        "the listed incident is rebuilt once per evaluation, not per event"
+    );
+    d.evaluate(12.25);
+    assert_eq!(
+        d.done.taken(),
+        vec![Done::Saved {
+            id: incident.id.clone(),
+            open: true
+        }],
+        "1000 updates, one save"
+    );
+    let listed = &d.incidents()[0];
+    assert!(
+        listed
+            .evidence
+            .iter()
+            .any(|e| matches!(e, incidents::Evidence::OomKill { .. })),
+        "the kills are the incident's evidence once listed"
+    );
+}
