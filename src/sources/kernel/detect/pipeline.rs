@@ -54,7 +54,7 @@ impl Pipeline {
             match found {
                 RuleMatch::Context { kind, captures } => {
                     self.correlator
-                        .observe(kind, &captures, &record.message, record.ts_usec);
+                        .observe(kind, captures.as_ref(), &record.message, record.ts_usec);
                 }
                 RuleMatch::Rule { rule, fields } => {
                     let event = build_event(
