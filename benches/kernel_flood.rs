@@ -67,7 +67,8 @@ struct Counts {
 impl Counts {
     fn of(hw: &Hangwatch) -> Counts {
         let text = hw.metrics();
-        let value = |name, labels: &[(&str, &str)]| metric_value(&text, name, labels).unwrap_or(0.0);
+        let value =
+            |name, labels: &[(&str, &str)]| metric_value(&text, name, labels).unwrap_or(0.0);
         Counts {
             read: value("hangwatch_kernel_log_records_total", &[]),
             lost: value("hangwatch_kernel_log_lost_records_total", &[]),
@@ -111,17 +112,17 @@ impl Writer {
         self.next_pid += 1;
         let memcg = format!("/kubepods/burstable/{POD}/{CONTAINER}");
         self.line.clear();
-        let _ = write!(
+        let _ = writeln!(
             self.line,
-            "<6>oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset={CONTAINER},mems_allowed=0,oom_memcg={memcg},task_memcg={memcg},task=runc:[2:INIT],pid={pid},uid=0\n"
+            "<6>oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset={CONTAINER},mems_allowed=0,oom_memcg={memcg},task_memcg={memcg},task=runc:[2:INIT],pid={pid},uid=0"
         );
         self.kmsg
             .write_all(self.line.as_bytes())
             .expect("write /dev/kmsg");
         self.line.clear();
-        let _ = write!(
+        let _ = writeln!(
             self.line,
-            "<6>Memory cgroup out of memory: Killed process {pid} (runc:[2:INIT]) total-vm:1100228kB, anon-rss:19872kB, file-rss:4236kB, shmem-rss:0kB, UID:0 pgtables:212kB oom_score_adj:-998\n"
+            "<6>Memory cgroup out of memory: Killed process {pid} (runc:[2:INIT]) total-vm:1100228kB, anon-rss:19872kB, file-rss:4236kB, shmem-rss:0kB, UID:0 pgtables:212kB oom_score_adj:-998"
         );
         self.kmsg
             .write_all(self.line.as_bytes())

@@ -87,7 +87,9 @@ impl IncidentWriter {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn file_name(id: &str) -> String {
@@ -160,7 +162,13 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         book.on_state(
             Runtime::Docker,
-            &seen("hung", "", true, false, crate::engine::incidents::Layer::Dockerd),
+            &seen(
+                "hung",
+                "",
+                true,
+                false,
+                crate::engine::incidents::Layer::Dockerd,
+            ),
             t0,
         );
         let incident = book.all().remove(0);
@@ -170,7 +178,11 @@ mod tests {
             for _ in 0..1000 {
                 writer.save(&incident);
             }
-            assert_eq!(writer.queued(), 1, "1000 saves of one incident queue one write");
+            assert_eq!(
+                writer.queued(),
+                1,
+                "1000 saves of one incident queue one write"
+            );
             tokio::time::timeout(Duration::from_secs(10), async {
                 while !dir.join(file_name(&incident.id)).exists() {
                     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -357,7 +357,9 @@ fn a_signal_for_no_registered_source_is_dropped() {
 
 #[test]
 fn an_oom_storm_during_an_incident_is_saved_and_listed_once_per_evaluation() {
-    use crate::sources::kernel::detect::{KernelSignal, Pipeline, kernel_time_to_wall, parse_record};
+    use crate::sources::kernel::detect::{
+        KernelSignal, Pipeline, kernel_time_to_wall, parse_record,
+    };
     let mut config = docker_only();
     config.kernel_log.enabled = true;
     let mut pipeline = Pipeline::new(&config.kernel_log, &[]).unwrap();

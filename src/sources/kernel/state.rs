@@ -141,7 +141,8 @@ impl KernelState {
         if self.recent.len() == self.capacity {
             self.recent.pop_front();
         }
-        self.recent.push_back(Arc::new(RecentKernelEvent { at, event }));
+        self.recent
+            .push_back(Arc::new(RecentKernelEvent { at, event }));
     }
 
     /// Fill container names, pods and namespaces the directory has learnt since. Returns
