@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 use crate::config::Config;
+use crate::sources::kernel::KernelSection;
 use crate::sources::runtime::RuntimesSection;
 use crate::sources::runtime::detect::{Operation, ProbeFailure, ProbeSignal, Unreachable};
 use crate::sources::runtime::verdict::RuntimeState;
@@ -372,6 +373,8 @@ fn an_oom_storm_during_an_incident_is_saved_and_listed_once_per_evaluation() {
     assert!(incident.is_open());
     d.done.taken();
 
+    let mut published = 0;
+    let mut last = d.snapshot.borrow().clone();
     for kill in 0..1000_u32 {
         let line = format!(
             "3,{},{},-;Memory cgroup out of memory: Killed process {} (runc:[2:INIT]) total-vm:1kB, anon-rss:1kB, file-rss:0kB",
@@ -389,7 +392,30 @@ fn an_oom_storm_during_an_incident_is_saved_and_listed_once_per_evaluation() {
             d.engine
                 .apply(Signal::source(sources::kernel::NAME, signal), now);
         }
+        let current = d.snapshot.borrow().clone();
+        if !Arc::ptr_eq(&current, &last) {
+            published += 1;
+            let events = |s: &Snapshot| {
+                s.section::<KernelSection>()
+                    .map(|k| k.0.events.clone())
+                    .unwrap_or_default()
+            };
+            let (before, now) = (events(&last), events(&current));
+            if let Some(old) = before.first()
+                && let Some(same) = now.iter().find(|e| e.event.seq == old.event.seq)
+            {
+                assert!(
+                    Arc::ptr_eq(old, same),
+                    "publishing shares the events, not copies them"
+                );
+            }
+            last = current;
+        }
     }
+    assert!(
+        (5..=11).contains(&published),
+        "1000 events over 200 ms are published at most every 20 ms: {published} snapshots"
+    );
     assert!(
         d.done.taken().is_empty(),
         "no save per event: the updates wait for the evaluation"
