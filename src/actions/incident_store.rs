@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use tokio::sync::mpsc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use crate::engine::incidents::Incident;
 use crate::persist::{self, StateKind};
@@ -34,24 +37,37 @@ pub fn load(dir: &Path) -> Vec<Incident> {
         .collect()
 }
 
-/// Handle to the writer task. Writes are queued, never awaited by the engine.
+/// Handle to the writer task. Writes are queued, never awaited by the engine. The queue
+/// holds the newest version of each incident not yet written, so it is bounded by the
+/// number of incidents however often they change or however slow the disk is.
 #[derive(Debug, Clone)]
 pub struct IncidentWriter {
-    queue: mpsc::UnboundedSender<Incident>,
+    queue: Arc<Queue>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    newest: Mutex<BTreeMap<String, Incident>>,
+    wake: Notify,
 }
 
 impl IncidentWriter {
     pub fn spawn(dir: PathBuf, keep: usize) -> IncidentWriter {
-        let (queue, mut incoming) = mpsc::unbounded_channel::<Incident>();
+        let queue = Arc::new(Queue::default());
+        let incoming = queue.clone();
         tokio::spawn(async move {
-            while let Some(incident) = incoming.recv().await {
-                let dir = dir.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || write(&dir, &incident, keep)).await;
-                match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::warn!(%error, "cannot persist incident"),
-                    Err(error) => tracing::warn!(%error, "incident writer task failed"),
+            loop {
+                incoming.wake.notified().await;
+                let batch = std::mem::take(&mut *lock(&incoming.newest));
+                for incident in batch.into_values() {
+                    let dir = dir.clone();
+                    let result =
+                        tokio::task::spawn_blocking(move || write(&dir, &incident, keep)).await;
+                    match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "cannot persist incident"),
+                        Err(error) => tracing::warn!(%error, "incident writer task failed"),
+                    }
                 }
             }
         });
@@ -59,10 +75,21 @@ impl IncidentWriter {
     }
 
     pub fn save(&self, incident: &Incident) {
-        if self.queue.send(incident.clone()).is_err() {
-            tracing::warn!(id = %incident.id, "incident writer stopped; incident not persisted");
-        }
+        lock(&self.queue.newest).insert(incident.id.clone(), incident.clone());
+        self.queue.wake.notify_one();
     }
+
+    /// Incidents waiting to be written.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        lock(&self.queue.newest).len()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn file_name(id: &str) -> String {
@@ -123,6 +150,49 @@ mod tests {
     use crate::engine::incidents::IncidentBook;
     use crate::engine::incidents::tests::seen;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn the_queue_keeps_the_newest_version_of_each_incident() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("hangwatch-queue-{}", std::process::id()));
+        let mut book = IncidentBook::new("n/1".into(), 10, Vec::new());
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        book.on_state(
+            Runtime::Docker,
+            &seen(
+                "hung",
+                "",
+                true,
+                false,
+                crate::engine::incidents::Layer::Dockerd,
+            ),
+            t0,
+        );
+        let incident = book.all().remove(0);
+        runtime.block_on(async {
+            let writer = IncidentWriter::spawn(dir.clone(), 10);
+            // The writer task cannot run while this one does not yield.
+            for _ in 0..1000 {
+                writer.save(&incident);
+            }
+            assert_eq!(
+                writer.queued(),
+                1,
+                "1000 saves of one incident queue one write"
+            );
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !dir.join(file_name(&incident.id)).exists() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the incident is written");
+        });
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn write_load_prune_and_skip_corrupt_files() {

@@ -140,6 +140,17 @@ impl Evidence {
         }
     }
 
+    /// Whether this kind restates earlier items (a scan's findings) rather than reporting a
+    /// new happening (a kernel event): only those are looked for among the kept evidence.
+    fn restates(&self) -> bool {
+        matches!(
+            self,
+            Evidence::StuckTask { .. }
+                | Evidence::StuckRuntimeProcess { .. }
+                | Evidence::StuckStop { .. }
+        )
+    }
+
     /// Evidence that restates an earlier item (the same stuck task seen by the next scan)
     /// replaces it instead of piling up.
     fn same_subject(&self, other: &Evidence) -> bool {
@@ -252,7 +263,10 @@ impl Incident {
     }
 
     fn push_evidence(&mut self, evidence: Evidence) {
-        if let Some(existing) = self.evidence.iter_mut().find(|e| e.same_subject(&evidence)) {
+        let restated = evidence.restates();
+        if restated
+            && let Some(existing) = self.evidence.iter_mut().find(|e| e.same_subject(&evidence))
+        {
             *existing = evidence;
         } else if self.evidence.len() < MAX_EVIDENCE {
             self.evidence.push(evidence);
@@ -486,22 +500,30 @@ impl IncidentBook {
 
     /// Record evidence: kept for the look-back, attached to every open incident.
     pub fn add_evidence(&mut self, evidence: Evidence) -> Vec<Change> {
-        if let Some(existing) = self.recent.iter_mut().find(|e| e.same_subject(&evidence)) {
-            *existing = evidence.clone();
-        } else {
-            self.recent.push_back(evidence.clone());
-            while self.recent.len() > MAX_RECENT_EVIDENCE {
-                self.recent.pop_front();
-            }
-        }
-        self.open
+        let changes = self
+            .open
             .values_mut()
             .map(|incident| {
                 incident.push_evidence(evidence.clone());
                 incident.refresh_cause();
                 Change::Updated(incident.id.clone())
             })
-            .collect()
+            .collect();
+        let existing = if evidence.restates() {
+            self.recent.iter_mut().find(|e| e.same_subject(&evidence))
+        } else {
+            None
+        };
+        match existing {
+            Some(existing) => *existing = evidence,
+            None => {
+                self.recent.push_back(evidence);
+                while self.recent.len() > MAX_RECENT_EVIDENCE {
+                    self.recent.pop_front();
+                }
+            }
+        }
+        changes
     }
 
     /// A dump was requested for `runtime`'s open incident.

@@ -12,7 +12,7 @@ pub mod incidents;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -108,6 +108,10 @@ pub struct Engine {
     cx: Context,
     dump_policy: DumpPolicy,
     incidents_published: Arc<Vec<Incident>>,
+    /// Incidents whose evidence or dumps changed since they were last saved and listed: an
+    /// OOM storm adds evidence per kill, so these are saved and listed once per evaluation
+    /// rather than per event. Opening and closing are saved and listed at once.
+    incidents_updated: BTreeSet<String>,
     /// A source asked to publish soon and it has not happened yet.
     publish_pending: bool,
     /// When a "publish soon" was last honoured: floods are published at most every
@@ -171,6 +175,7 @@ impl Engine {
                 publish: Publish::No,
             },
             incidents_published,
+            incidents_updated: BTreeSet::new(),
             publish_pending: false,
             soon_published_at: now.mono,
             resolving: HashMap::new(),
@@ -279,7 +284,22 @@ impl Engine {
             slot.state.settle(&mut self.cx);
         }
         self.finish_step(now);
+        self.save_updated_incidents();
         self.publish(now);
+    }
+
+    /// Save and list the incidents updated since the last time.
+    fn save_updated_incidents(&mut self) {
+        if self.incidents_updated.is_empty() {
+            return;
+        }
+        let updated = std::mem::take(&mut self.incidents_updated);
+        if let Some(effects) = &self.effects {
+            for incident in updated.iter().filter_map(|id| self.cx.incidents.get(id)) {
+                effects.save(incident);
+            }
+        }
+        self.incidents_published = Arc::new(self.cx.incidents.all());
     }
 
     /// Carry out the step's actions and incident changes; note whether to publish.
@@ -301,12 +321,24 @@ impl Engine {
         }
     }
 
-    /// Log, count and persist incident changes, and rebuild the list. Returns whether any.
+    /// Log and count incident changes; persist openings and closings and rebuild the list at
+    /// once, leave updates for [`Engine::save_updated_incidents`]. Returns whether the list
+    /// was rebuilt.
     fn record_incident_changes(&mut self, changes: Vec<Change>, now: Now) -> bool {
         if changes.is_empty() {
             return false;
         }
-        let mut ids: Vec<String> = Vec::new();
+        if changes.iter().all(|c| matches!(c, Change::Updated(_))) {
+            for change in changes {
+                if let Change::Updated(id) = change {
+                    self.incidents_updated.insert(id);
+                }
+            }
+            return false;
+        }
+        let mut ids: Vec<String> = std::mem::take(&mut self.incidents_updated)
+            .into_iter()
+            .collect();
         for change in &changes {
             let (id, opened, closed) = match change {
                 Change::Opened(id) => (id, true, false),

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 use crate::config::Config;
+use crate::sources::kernel::KernelSection;
 use crate::sources::runtime::RuntimesSection;
 use crate::sources::runtime::detect::{Operation, ProbeFailure, ProbeSignal, Unreachable};
 use crate::sources::runtime::verdict::RuntimeState;
@@ -353,4 +354,91 @@ fn a_signal_for_no_registered_source_is_dropped() {
         .apply(Signal::source("no-such-source", 42_u32), d.clock.at(0.0));
     d.evaluate(0.25);
     assert_eq!(d.docker_state(), RuntimeState::Pending);
+}
+
+#[test]
+fn an_oom_storm_during_an_incident_is_saved_and_listed_once_per_evaluation() {
+    use crate::sources::kernel::detect::{
+        KernelSignal, Pipeline, kernel_time_to_wall, parse_record,
+    };
+    let mut config = docker_only();
+    config.kernel_log.enabled = true;
+    let mut pipeline = Pipeline::new(&config.kernel_log, &[]).unwrap();
+    let mut d = Driven::new(config);
+    d.healthy_round(0.0);
+    d.evaluate(0.25);
+    let _ping = d.start(Operation::Ping, 1.0);
+    d.evaluate(12.0);
+    let incident = d.incidents()[0].clone();
+    assert!(incident.is_open());
+    d.done.taken();
+
+    let mut published = 0;
+    let mut last = d.snapshot.borrow().clone();
+    for kill in 0..1000_u32 {
+        let line = format!(
+            "3,{},{},-;Memory cgroup out of memory: Killed process {} (runc:[2:INIT]) total-vm:1kB, anon-rss:1kB, file-rss:0kB",
+            100 + kill,
+            12_000_000 + kill,
+            5000 + kill
+        );
+        for event in pipeline.process(&parse_record(line.as_bytes()).unwrap()) {
+            let at = kernel_time_to_wall(event.ts_usec);
+            let signal = KernelSignal::Event {
+                event: Box::new(event),
+                at,
+            };
+            let now = d.clock.at(12.0 + f64::from(kill) * 0.0002);
+            d.engine
+                .apply(Signal::source(sources::kernel::NAME, signal), now);
+        }
+        let current = d.snapshot.borrow().clone();
+        if !Arc::ptr_eq(&current, &last) {
+            published += 1;
+            let events = |s: &Snapshot| {
+                s.section::<KernelSection>()
+                    .map(|k| k.0.events.clone())
+                    .unwrap_or_default()
+            };
+            let (before, now) = (events(&last), events(&current));
+            if let Some(old) = before.first()
+                && let Some(same) = now.iter().find(|e| e.event.seq == old.event.seq)
+            {
+                assert!(
+                    Arc::ptr_eq(old, same),
+                    "publishing shares the events, not copies them"
+                );
+            }
+            last = current;
+        }
+    }
+    assert!(
+        (5..=11).contains(&published),
+        "1000 events over 200 ms are published at most every 20 ms: {published} snapshots"
+    );
+    assert!(
+        d.done.taken().is_empty(),
+        "no save per event: the updates wait for the evaluation"
+    );
+    assert!(
+        d.incidents()[0].evidence.is_empty(),
+        "the listed incident is rebuilt once per evaluation, not per event"
+    );
+    d.evaluate(12.25);
+    assert_eq!(
+        d.done.taken(),
+        vec![Done::Saved {
+            id: incident.id.clone(),
+            open: true
+        }],
+        "1000 updates, one save"
+    );
+    let listed = &d.incidents()[0];
+    assert!(
+        listed
+            .evidence
+            .iter()
+            .any(|e| matches!(e, incidents::Evidence::OomKill { .. })),
+        "the kills are the incident's evidence once listed"
+    );
 }

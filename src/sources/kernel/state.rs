@@ -1,11 +1,12 @@
 //! The kernel source's engine-side state: a bounded ring of recent events (served at
 //! `/events`), the conditions holding, whether the log can be read, and the metrics.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::metrics::{KernelMetrics, OomLabels, SourceLabels};
@@ -47,7 +48,12 @@ impl EventLog {
             self.logged += 1;
             return true;
         }
-        *self.unlogged.entry(rule.to_string()).or_default() += 1;
+        match self.unlogged.get_mut(rule) {
+            Some(count) => *count += 1,
+            None => {
+                self.unlogged.insert(rule.to_string(), 1);
+            }
+        }
         false
     }
 
@@ -107,14 +113,15 @@ pub struct KernelStatus {
     pub records_ignored: u64,
     pub records_malformed: u64,
     pub conditions: Vec<ConditionStatus>,
-    /// Newest first; served at `/events`, not in `/status`.
+    /// Newest first; served at `/events`, not in `/status`. Shared with the ring, so that
+    /// publishing during a flood copies pointers, not events.
     #[serde(skip)]
-    pub events: Vec<RecentKernelEvent>,
+    pub events: Vec<Arc<RecentKernelEvent>>,
 }
 
 #[derive(Debug)]
 pub struct KernelState {
-    recent: VecDeque<RecentKernelEvent>,
+    recent: VecDeque<Arc<RecentKernelEvent>>,
     capacity: usize,
     conditions: KernelConditions,
     pub status: KernelStatus,
@@ -136,7 +143,8 @@ impl KernelState {
         if self.recent.len() == self.capacity {
             self.recent.pop_front();
         }
-        self.recent.push_back(RecentKernelEvent { at, event });
+        self.recent
+            .push_back(Arc::new(RecentKernelEvent { at, event }));
     }
 
     /// Fill container names, pods and namespaces the directory has learnt since. Returns
@@ -144,7 +152,10 @@ impl KernelState {
     pub fn enrich(&mut self, directory: &ContainerDirectory) -> bool {
         let mut changed = false;
         for recent in self.recent.iter_mut() {
-            changed |= enrich_event(&mut recent.event, directory);
+            if names_known(&recent.event, directory) {
+                // Copied only if a published snapshot still holds it.
+                changed |= enrich_event(&mut Arc::make_mut(recent).event, directory);
+            }
         }
         changed
     }
@@ -170,6 +181,16 @@ impl KernelState {
         status.events = self.recent.iter().rev().cloned().collect();
         status
     }
+}
+
+/// Whether the directory has names for the event's container that it does not carry yet.
+fn names_known(event: &KernelEvent, directory: &ContainerDirectory) -> bool {
+    event.container_name.is_none()
+        && event
+            .owner
+            .as_ref()
+            .and_then(|o| o.container_id.as_deref())
+            .is_some_and(|id| directory.get(id).is_some())
 }
 
 /// Names for the event's container from the directory, when it has them.
@@ -204,6 +225,8 @@ pub struct KernelSlice {
     /// The status changed since it was last published.
     dirty: bool,
     metrics: KernelMetrics,
+    /// `events_total`'s series by rule, so that counting an event allocates no label.
+    rule_counters: HashMap<String, Counter>,
     event_log: EventLog,
 }
 
@@ -245,8 +268,24 @@ impl KernelSlice {
             published: Arc::default(),
             dirty: true,
             metrics,
+            rule_counters: HashMap::new(),
             event_log: EventLog::default(),
         }
+    }
+
+    /// The `events_total` series of `rule` (rules are the config's: a bounded set).
+    fn rule_counter(&mut self, rule: &str) -> &Counter {
+        if !self.rule_counters.contains_key(rule) {
+            let counter = self
+                .metrics
+                .events_total
+                .get_or_create(&RuleLabels {
+                    rule: rule.to_string(),
+                })
+                .clone();
+            self.rule_counters.insert(rule.to_string(), counter);
+        }
+        &self.rule_counters[rule]
     }
 
     fn set_source(&mut self, active: Option<LogSource>) {
@@ -275,12 +314,8 @@ impl KernelSlice {
     }
 
     fn apply_event(&mut self, mut event: KernelEvent, at: SystemTime, cx: &mut Context) {
+        self.rule_counter(&event.rule).inc();
         let m = &self.metrics;
-        m.events_total
-            .get_or_create(&RuleLabels {
-                rule: event.rule.clone(),
-            })
-            .inc();
         if let (Some(victim), Some(constraint)) = (event.victim_label(), event.constraint_label()) {
             m.oom_kills_total
                 .get_or_create(&OomLabels { victim, constraint })

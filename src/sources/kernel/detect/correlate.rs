@@ -42,6 +42,72 @@ pub(crate) const CONTEXT_PATTERNS: [(ContextKind, &str); 3] = [
     ),
 ];
 
+/// The fields of an `oom-kill:` summary line, with the same meaning as the groups of its
+/// pattern in [`CONTEXT_PATTERNS`] (a unit test holds them equal). Found by their keys rather
+/// than by the pattern's captures: the pattern's `.*` spans make capturing cost several µs
+/// per line (the backtracker runs over the whole line), most of the CPU per record in an OOM
+/// storm. The rule set's single pass still decides which lines are summaries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryLine<'a> {
+    pub constraint: &'a str,
+    pub oom_memcg: Option<&'a str>,
+    pub task_memcg: &'a str,
+    pub pid: u32,
+}
+
+impl<'a> SummaryLine<'a> {
+    pub fn parse(message: &'a str) -> Option<SummaryLine<'a>> {
+        let rest = message.strip_prefix("oom-kill:constraint=")?;
+        let constraint_end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let constraint = rest.get(..constraint_end)?;
+        if constraint.is_empty() {
+            return None;
+        }
+        let after_constraint = rest.get(constraint_end..)?;
+        // `,oom_memcg=<path>` or `,global_oom` right before `,task_memcg=`: the first
+        // occurrence after which the rest of the line fits.
+        after_constraint
+            .match_indices(",task_memcg=")
+            .find_map(|(at, key)| {
+                let before = after_constraint.get(..at)?;
+                let oom_memcg = if before.ends_with(",global_oom") {
+                    None
+                } else {
+                    let memcg = before.rsplit(',').next()?.strip_prefix("oom_memcg=")?;
+                    if !before.strip_suffix(memcg)?.ends_with(",oom_memcg=") {
+                        return None;
+                    }
+                    Some(memcg)
+                };
+                let after = after_constraint.get(at + key.len()..)?;
+                let task_memcg_end = after.find(',')?;
+                let tail = after.get(task_memcg_end..)?;
+                tail.strip_prefix(",task=")?;
+                Some(SummaryLine {
+                    constraint,
+                    oom_memcg,
+                    task_memcg: after.get(..task_memcg_end)?,
+                    pid: last_pid(tail)?,
+                })
+            })
+    }
+}
+
+/// `task=.*,pid=<n>,uid=<n>`: the comm may hold anything, so the last such pid.
+fn last_pid(tail: &str) -> Option<u32> {
+    tail.rmatch_indices(",pid=").find_map(|(at, key)| {
+        let after = tail.get(at + key.len()..)?;
+        let digits = after.find(|c: char| !c.is_ascii_digit())?;
+        let uid = after.get(digits..)?.strip_prefix(",uid=")?;
+        if digits == 0 || !uid.starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        after.get(..digits)?.parse().ok()
+    })
+}
+
 /// How long before a kill a `Task in ...` line may come and still belong to it. The lines of
 /// one OOM are printed together; the task table between them can be long but takes well under
 /// a second.
@@ -107,41 +173,41 @@ fn push_bounded<T>(queue: &mut VecDeque<T>, item: T) {
 }
 
 impl OomCorrelator {
-    /// Remember a header line recognised by one of [`CONTEXT_PATTERNS`].
+    /// Remember a header line recognised by one of [`CONTEXT_PATTERNS`]: its captures, except
+    /// for the summary line, which is parsed here (see [`SummaryLine::parse`]).
     pub fn observe(
         &mut self,
         kind: ContextKind,
-        captures: &Captures<'_>,
+        captures: Option<&Captures<'_>>,
         message: &str,
         ts_usec: u64,
     ) {
-        let pid = captures.name("pid").and_then(|m| m.as_str().parse().ok());
+        let group = |name| captures.and_then(|c| c.name(name));
+        let pid = group("pid").and_then(|m| m.as_str().parse().ok());
         match kind {
             ContextKind::Summary => {
-                let Some(pid) = pid else { return };
-                let oom_memcg = captures.name("oom_memcg").map(|m| m.as_str().to_string());
-                let constraint = if oom_memcg.is_some()
-                    || captures.name("constraint").map(|m| m.as_str()) == Some("CONSTRAINT_MEMCG")
-                {
-                    OomConstraint::Memcg
-                } else {
-                    OomConstraint::Global
+                let Some(line) = SummaryLine::parse(message) else {
+                    return;
                 };
+                let constraint =
+                    if line.oom_memcg.is_some() || line.constraint == "CONSTRAINT_MEMCG" {
+                        OomConstraint::Memcg
+                    } else {
+                        OomConstraint::Global
+                    };
                 push_bounded(
                     &mut self.summaries,
                     Summary {
                         ts_usec,
-                        pid,
+                        pid: line.pid,
                         constraint,
-                        oom_memcg,
-                        task_memcg: captures.name("task_memcg").map(|m| m.as_str().to_string()),
+                        oom_memcg: line.oom_memcg.map(str::to_string),
+                        task_memcg: Some(line.task_memcg.to_string()),
                     },
                 );
             }
             ContextKind::TaskIn => {
-                if let (Some(task_memcg), Some(memcg)) =
-                    (captures.name("task_memcg"), captures.name("memcg"))
-                {
+                if let (Some(task_memcg), Some(memcg)) = (group("task_memcg"), group("memcg")) {
                     push_bounded(
                         &mut self.task_in,
                         TaskIn {
@@ -237,7 +303,7 @@ mod tests {
     fn feed(c: &mut OomCorrelator, line: &str, ts_usec: u64) -> bool {
         for (kind, pattern) in CONTEXT_PATTERNS {
             if let Some(captures) = Regex::new(pattern).unwrap().captures(line) {
-                c.observe(kind, &captures, line, ts_usec);
+                c.observe(kind, Some(&captures), line, ts_usec);
                 return true;
             }
         }
@@ -245,6 +311,34 @@ mod tests {
     }
 
     const SUMMARY_6X: &str = "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=c1,mems_allowed=0,oom_memcg=/docker/c1,task_memcg=/docker/c1/sub,task=runc:[2:INIT],pid=20357,uid=0";
+
+    #[test]
+    fn the_summary_parser_agrees_with_the_pattern() {
+        let pattern = Regex::new(CONTEXT_PATTERNS[0].1).unwrap();
+        let lines = [
+            SUMMARY_6X,
+            "oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0-1,3,global_oom,task_memcg=/kubepods.slice/a.scope,task=java,pid=7,uid=1000",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/docker/x,task_memcg=/docker/x,task=a,pid=1,b,pid=22,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=c,mems_allowed=0,oom_memcg=,task_memcg=,task=,pid=5,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),oom_memcg=/a,b,oom_memcg=/c,task_memcg=/d,task=x,pid=9,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,cpuset=x,mems_allowed=0,task_memcg=/d,task=x,pid=9,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/a,task_memcg=/d,task=x,pid=99999999999,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/a,task_memcg=/d,task=x,pid=9,uid=",
+            "oom-kill:constraint=,oom_memcg=/a,task_memcg=/d,task=x,pid=9,uid=0",
+            "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/a,task_memcg=/d,tusk=x,pid=9,uid=0",
+        ];
+        for line in lines {
+            let by_pattern = pattern.captures(line).and_then(|c| {
+                Some(SummaryLine {
+                    constraint: c.name("constraint")?.as_str(),
+                    oom_memcg: c.name("oom_memcg").map(|m| m.as_str()),
+                    task_memcg: c.name("task_memcg")?.as_str(),
+                    pid: c.name("pid")?.as_str().parse().ok()?,
+                })
+            });
+            assert_eq!(SummaryLine::parse(line), by_pattern, "{line}");
+        }
+    }
 
     #[test]
     fn summary_joins_on_pid() {

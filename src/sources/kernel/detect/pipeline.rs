@@ -57,8 +57,12 @@ impl Pipeline {
         for found in self.rules.matches(&record.message) {
             match found {
                 RuleMatch::Context { kind, captures } => {
-                    self.correlator
-                        .observe(kind, &captures, &record.message, record.ts_usec);
+                    self.correlator.observe(
+                        kind,
+                        captures.as_ref(),
+                        &record.message,
+                        record.ts_usec,
+                    );
                 }
                 RuleMatch::Rule { rule, fields } => {
                     let event = build_event(

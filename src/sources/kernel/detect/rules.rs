@@ -79,9 +79,11 @@ pub enum RuleMatch<'r, 'h> {
         rule: &'r KernelRule,
         fields: EventFields,
     },
+    /// An OOM header line; the summary line comes without captures (the correlator parses
+    /// it: see [`SummaryLine`](super::correlate::SummaryLine)).
     Context {
         kind: ContextKind,
-        captures: Captures<'h>,
+        captures: Option<Captures<'h>>,
     },
 }
 
@@ -140,13 +142,19 @@ impl RuleSet {
             .iter()
             .filter_map(|index| {
                 let regex = &self.regexes[index];
-                let captures = regex.captures(message)?;
                 Some(match self.targets[index] {
+                    Target::Context(kind @ ContextKind::Summary) => RuleMatch::Context {
+                        kind,
+                        captures: None,
+                    },
+                    Target::Context(kind) => RuleMatch::Context {
+                        kind,
+                        captures: Some(regex.captures(message)?),
+                    },
                     Target::Rule(rule) => RuleMatch::Rule {
                         rule: &self.rules[rule],
-                        fields: fields_of(regex, &captures),
+                        fields: fields_of(regex, &regex.captures(message)?),
                     },
-                    Target::Context(kind) => RuleMatch::Context { kind, captures },
                 })
             })
             .collect()
