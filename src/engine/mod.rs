@@ -348,10 +348,15 @@ impl Engine {
         let Some(effects) = &self.effects else {
             return;
         };
-        let mut daemons = vec![runtime];
-        if runtime == Runtime::Docker && self.config.containerd.mode != RuntimeMode::Disabled {
-            daemons.push(Runtime::Containerd);
-        }
+        let containerd = self.config.containerd.mode != RuntimeMode::Disabled;
+        // A CRI stall is most often containerd's CRI plugin: its dump is containerd's. CRI-O
+        // and cri-dockerd dumps are not collected.
+        let daemons = match runtime {
+            Runtime::Docker if containerd => vec![Runtime::Docker, Runtime::Containerd],
+            Runtime::Cri if containerd => vec![Runtime::Containerd],
+            Runtime::Cri => Vec::new(),
+            other => vec![other],
+        };
         for daemon in daemons {
             let changes = match self.dump_policy.decide(daemon, now.mono) {
                 Decision::Allow => {

@@ -3,6 +3,7 @@
 //! call in flight (healthy, slow, wedged, hung, down, absent).
 
 pub mod detect;
+pub mod kubelet;
 mod metrics;
 pub mod state;
 pub mod verdict;
@@ -64,18 +65,21 @@ impl Source for RuntimeSource {
                     let done = done_tx.clone();
                     outstanding += 1;
                     tokio::spawn(async move {
-                        let (finished, _) = finish.await;
+                        let (finished, extras) = finish.await;
                         // The receiver is gone only when check gave up waiting.
-                        let _ = done.send(finished);
+                        for extra in extras {
+                            let _ = done.send((extra, false));
+                        }
+                        let _ = done.send((finished, true));
                     });
                 }
             }
             let give_up = tokio::time::Instant::now() + give_up;
             while outstanding > 0 {
                 match tokio::time::timeout_at(give_up, done_rx.recv()).await {
-                    Ok(Some(finished)) => {
-                        found.signals.push(finished);
-                        outstanding -= 1;
+                    Ok(Some((signal, is_finish))) => {
+                        found.signals.push(signal);
+                        outstanding -= usize::from(is_finish);
                     }
                     Ok(None) | Err(_) => break,
                 }
