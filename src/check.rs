@@ -188,6 +188,7 @@ mod tests {
             operations: Vec::new(),
             permission_denied: false,
             status_call_in_flight: None,
+            last_status_call: None,
             kubelet: None,
             unknown_tasks: Vec::new(),
         }

@@ -24,6 +24,8 @@ struct TrackedRuntime {
     since: Instant,
     /// The pod or container of the CRI status call in flight, with its probe id.
     sample_in_flight: Option<(u64, StatusSubject)>,
+    /// The pod or container the last status call asked about.
+    last_sampled: Option<StatusSubject>,
 }
 
 /// How often a CRI call still blocked is restated as evidence (its age grows).
@@ -62,6 +64,7 @@ impl RuntimeSlice {
                     },
                     since: now.mono,
                     sample_in_flight: None,
+                    last_sampled: None,
                 })
             })
             .collect();
@@ -131,6 +134,7 @@ impl RuntimeSlice {
                 if let Some(tracked) = self.tracked(runtime) {
                     tracked.tracker.probe_started(&operation, id, at);
                     if operation == Operation::StatusSample {
+                        tracked.last_sampled = subject.clone();
                         tracked.sample_in_flight = subject.map(|s| (id, s));
                     }
                 }
@@ -487,6 +491,7 @@ impl SourceState for RuntimeSlice {
                         .sample_in_flight
                         .as_ref()
                         .map(|(_, s)| s.clone()),
+                    last_status_call: tracked.last_sampled.clone(),
                     kubelet: (tracked.tracker.runtime() == Runtime::Cri)
                         .then_some(self.kubelet)
                         .flatten(),
@@ -518,6 +523,9 @@ pub struct RuntimeStatus {
     /// CRI: the pod or container whose status call is in flight.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_call_in_flight: Option<StatusSubject>,
+    /// CRI: the pod or container the last status call asked about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status_call: Option<StatusSubject>,
     /// CRI: how far kubelet's own thresholds are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubelet: Option<KubeletClocks>,

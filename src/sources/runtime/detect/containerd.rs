@@ -165,7 +165,16 @@ impl RuntimeClient for ContainerdClient {
                     let unknown: Vec<String> = tasks
                         .into_iter()
                         .filter(|t| t.status == TaskStatus::Unknown as i32)
-                        .map(|t| t.container_id)
+                        // `id` is the task's, which is its container's; `container_id`
+                        // is left empty by containerd 1.6 here.
+                        .map(|t| {
+                            if t.container_id.is_empty() {
+                                t.id
+                            } else {
+                                t.container_id
+                            }
+                        })
+                        .filter(|id| !id.is_empty())
                         .collect();
                     let described = if unknown.is_empty() {
                         Vec::new()
