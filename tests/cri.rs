@@ -292,3 +292,56 @@ fn a_stopped_shim_leaves_its_task_unknown_with_the_shim_pid_and_state() {
             .then_some(())
     });
 }
+
+/// Docker's containerd ships with its CRI plugin disabled: its socket answers, but not CRI.
+/// That is no CRI runtime ("absent"), while the next socket in the list that serves CRI is used.
+#[test]
+fn a_containerd_without_its_cri_plugin_is_no_cri_and_the_next_socket_is_tried() {
+    let _timing = support::exclusive();
+    let plain = support::daemons::PrivateDaemons::containerd_only();
+    let dir = TempDir::new("cri-notserved");
+    let config = dir.path().join("check.yaml");
+    let write = |sockets: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir: {}\n{PROBES}{QUIET}docker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+                 cri:\n  mode: auto\n  sockets: [{sockets}]\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write config");
+    };
+    let cri_state = || {
+        let (_, out, err) = run_cli(&[
+            "check",
+            "--config",
+            &config.to_string_lossy(),
+            "--format",
+            "json",
+        ]);
+        let report: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("check JSON ({e}): {out}{err}"));
+        report["snapshot"]["runtimes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["runtime"] == "cri").cloned())
+            .unwrap_or_else(|| panic!("cri missing: {out}"))
+    };
+    write(&plain.containerd_socket.display().to_string());
+    let entry = cri_state();
+    assert_eq!(entry["state"], "absent", "{entry}");
+
+    // The daemon: the plain containerd first, then one with CRI; it settles on the second.
+    let with_cri = PrivateCri::start();
+    let hw = Hangwatch::start(
+        &format!(
+            "state_dir: {}\n{PROBES}{QUIET}docker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+             cri:\n  mode: auto\n  sockets: [{}, {}]\n",
+            dir.path().display(),
+            plain.containerd_socket.display(),
+            with_cri.socket.display()
+        ),
+        dir.path(),
+    );
+    wait_state(&hw, "cri", "healthy", Duration::from_secs(20));
+}

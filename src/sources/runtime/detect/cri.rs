@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerStatusRequest, ListContainersRequest, ListPodSandboxRequest, PodSandboxStatusRequest,
-    StatusRequest,
+    StatusRequest, VersionRequest,
 };
 
 use super::containerd::failure;
@@ -291,8 +291,14 @@ impl RuntimeClient for CriClient {
                         containers: Some(client.saw_containers(r.into_inner().containers)),
                         ..ProbeAnswer::default()
                     }),
-                // Nothing listed yet: the sample has nobody to ask about.
-                (Operation::StatusSample, None) => Ok(ProbeAnswer::default()),
+                // Nothing listed yet: nobody to ask about, so the cheapest CRI call keeps
+                // the operation honest (a socket that does not serve CRI fails it too).
+                (Operation::StatusSample, None) => cri
+                    .version(VersionRequest {
+                        version: String::new(),
+                    })
+                    .await
+                    .map(|_| ProbeAnswer::default()),
                 (Operation::StatusSample, Some(subject)) => match subject.kind {
                     SubjectKind::PodSandbox => cri
                         .pod_sandbox_status(PodSandboxStatusRequest {
