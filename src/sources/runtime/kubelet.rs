@@ -40,7 +40,13 @@ impl KubeletClocks {
         }
     }
 
-    pub fn update(&mut self, cri: &RuntimeTracker, now: Instant) {
+    /// The clocks at `now`; full while the node has no CRI runtime (kubelet is not using one
+    /// hangwatch can see, so nothing is running out).
+    pub fn update(&mut self, cri: &RuntimeTracker, absent: bool, now: Instant) {
+        if absent {
+            *self = KubeletClocks::new(now);
+            return;
+        }
         let since = |at: Option<Instant>| now.saturating_duration_since(at.unwrap_or(self.started));
         // A relist completes when both lists have answered: its age is the older answer's.
         let relisted = match (
@@ -96,7 +102,7 @@ mod tests {
             cri.probe_started(&op, id as u64, t0);
             cri.probe_finished(&op, id as u64, t0, t0 + Duration::from_secs(1), Ok(()));
         }
-        clocks.update(&cri, t0 + Duration::from_secs(21));
+        clocks.update(&cri, false, t0 + Duration::from_secs(21));
         assert_eq!(clocks.status_seconds_left, 10.0);
         assert_eq!(clocks.relist_seconds_left, 160.0);
         // ListContainers hangs: the relist clock runs out while Status keeps answering.
@@ -108,7 +114,7 @@ mod tests {
             t0 + Duration::from_secs(200),
             Ok(()),
         );
-        clocks.update(&cri, t0 + Duration::from_secs(201));
+        clocks.update(&cri, false, t0 + Duration::from_secs(201));
         assert_eq!(clocks.relist_seconds_left, 0.0);
         assert_eq!(clocks.status_seconds_left, 29.0);
     }
@@ -118,8 +124,13 @@ mod tests {
         let t0 = Instant::now();
         let cri = RuntimeTracker::new(Runtime::Cri, RuntimeMode::Auto, &[Operation::Status]);
         let mut clocks = KubeletClocks::new(t0);
-        clocks.update(&cri, t0 + Duration::from_secs(40));
+        clocks.update(&cri, false, t0 + Duration::from_secs(40));
         assert_eq!(clocks.status_seconds_left, 0.0);
         assert_eq!(clocks.relist_seconds_left, 140.0);
+        clocks.update(&cri, true, t0 + Duration::from_secs(400));
+        assert_eq!(
+            clocks.relist_seconds_left, 180.0,
+            "no CRI: nothing runs out"
+        );
     }
 }

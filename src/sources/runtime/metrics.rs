@@ -55,7 +55,9 @@ pub struct RuntimeMetrics {
 }
 
 impl RuntimeMetrics {
-    pub fn register(registry: &mut Registry) -> RuntimeMetrics {
+    /// `cri`: the CRI runtime is probed, so kubelet's clocks are exported (a node without
+    /// one must not show a clock at zero).
+    pub fn register(registry: &mut Registry, cri: bool) -> RuntimeMetrics {
         let m = RuntimeMetrics {
             up: Family::default(),
             stalled: Family::default(),
@@ -102,6 +104,9 @@ impl RuntimeMetrics {
             "Tasks containerd's Tasks.List reports as UNKNOWN (their shim did not answer), by namespace",
             m.unknown_tasks.clone(),
         );
+        if !cri {
+            return m;
+        }
         registry.register(
             "hangwatch_kubelet_pleg_relist_seconds_left",
             "Seconds until kubelet's PLEG would go unhealthy (3 min without a completed CRI relist), from the CRI probes",

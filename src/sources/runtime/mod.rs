@@ -14,7 +14,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::sources::{CheckFindings, CheckRun, Detector, Now, Source, SourceState};
 use metrics::RuntimeMetrics;
 
@@ -40,7 +40,8 @@ impl Source for RuntimeSource {
         registry: &mut Registry,
         now: Now,
     ) -> Option<Box<dyn SourceState>> {
-        let metrics = RuntimeMetrics::register(registry);
+        let metrics =
+            RuntimeMetrics::register(registry, config.cri.mode != config::RuntimeMode::Disabled);
         Some(Box::new(state::RuntimeSlice::new(config, metrics, now)))
     }
 

@@ -429,7 +429,7 @@ impl SourceState for RuntimeSlice {
                 .iter()
                 .find(|t| t.tracker.runtime() == Runtime::Cri),
         ) {
-            clocks.update(&cri.tracker, now);
+            clocks.update(&cri.tracker, cri.verdict.state == RuntimeState::Absent, now);
             clocks.export(&self.metrics);
         }
         cx.board.runtimes = self
