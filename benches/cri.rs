@@ -102,7 +102,11 @@ fn main() {
     let text = hw.metrics();
     let mean = |operation: &str| {
         let labels = [("runtime", "cri"), ("operation", operation)];
-        let sum = metric_value(&text, "hangwatch_runtime_probe_duration_seconds_sum", &labels);
+        let sum = metric_value(
+            &text,
+            "hangwatch_runtime_probe_duration_seconds_sum",
+            &labels,
+        );
         let count = metric_value(
             &text,
             "hangwatch_runtime_probe_duration_seconds_count",
@@ -117,7 +121,10 @@ fn main() {
         "hangwatch probing containerd + CRI ({pods} pods) at default intervals over {wall:.0} s \
          (kernel log and /proc scan off):"
     );
-    println!("  CPU: {cpu:.2} s = {:.3} % of one core", 100.0 * cpu / wall);
+    println!(
+        "  CPU: {cpu:.2} s = {:.3} % of one core",
+        100.0 * cpu / wall
+    );
     println!(
         "  RSS: {:.1} MiB at the end ({:.1} MiB peak sampled), private (RssAnon) {:.1} MiB",
         status_kib(pid, "VmRSS:") / 1024.0,

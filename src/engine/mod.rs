@@ -206,6 +206,10 @@ impl Engine {
                 .incident_open
                 .get_or_create(&labels)
                 .set(i64::from(open));
+            // A CRI stall's dumps are containerd's: no daemon of its own to count.
+            if runtime == Runtime::Cri {
+                continue;
+            }
             for result in ["ok", "timeout", "failed", "cooldown"] {
                 self.metrics
                     .goroutine_dumps_total
