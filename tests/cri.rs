@@ -123,6 +123,9 @@ fn healthy_pods_make_cri_healthy_with_every_call_observed_and_names_from_cri() {
 fn a_cri_only_hang_is_the_cri_layer_wedged_with_the_container_named_and_clears() {
     let _timing = support::exclusive();
     let daemon = PrivateCri::start();
+    // Other pods first, so the stuck one is found by the rotation, not by being first.
+    daemon.run_pod("shop", "cache", "redis");
+    daemon.run_pod("base", "db", "postgres");
     let web = daemon.run_pod("shop", "web", "app");
     let shim = daemon.shim_pid(&web.container_id);
     let dir = TempDir::new("cri-wedged");

@@ -66,12 +66,12 @@ impl Source for RuntimeSource {
                     let done = done_tx.clone();
                     outstanding += 1;
                     tokio::spawn(async move {
-                        let (finished, extras) = finish.await;
+                        let finished = finish.await;
                         // The receiver is gone only when check gave up waiting.
-                        for extra in extras {
+                        for extra in finished.extras {
                             let _ = done.send((extra, false));
                         }
-                        let _ = done.send((finished, true));
+                        let _ = done.send((finished.signal, true));
                     });
                 }
             }

@@ -40,6 +40,10 @@ pub const OPERATIONS: [Operation; 4] = [
 /// few hundred at most; a runtime listing more is answered, not remembered.
 const MAX_SUBJECTS: usize = 4096;
 
+/// Status calls of the sample per interval, one after the other: a node of 100 pods (200
+/// subjects) is walked in 25 intervals rather than 200.
+const SAMPLES_PER_INTERVAL: usize = 8;
+
 /// A tonic channel to a unix socket. The URI is required by tonic but unused. Connects lazily
 /// and reconnects by itself; every call is still bounded by the caller's deadline.
 pub fn unix_channel(socket: &Path, deadline: Duration) -> Channel {
@@ -256,6 +260,14 @@ impl RuntimeClient for CriClient {
 
     fn operations(&self) -> Vec<Operation> {
         OPERATIONS.to_vec()
+    }
+
+    fn calls_per_interval(&self, operation: &Operation) -> usize {
+        match operation {
+            // Nothing listed: the one call asks Version, once is enough.
+            Operation::StatusSample if !self.shared().subjects.is_empty() => SAMPLES_PER_INTERVAL,
+            _ => 1,
+        }
     }
 
     fn subject(&self, operation: &Operation) -> Option<StatusSubject> {

@@ -62,6 +62,12 @@ pub trait RuntimeClient: Send + Sync + 'static {
     }
     /// One call of `operation`. The caller bounds it with the deadline and may drop it.
     fn call(&self, operation: &Operation, subject: Option<&StatusSubject>) -> ProbeCall;
+    /// How many calls of `operation` may follow one another in one interval, each started
+    /// when the one before answered (never two in flight): the CRI status sample walks its
+    /// rotation faster than one pod per interval.
+    fn calls_per_interval(&self, _operation: &Operation) -> usize {
+        1
+    }
 }
 
 /// A client for every runtime that is not disabled.
@@ -171,12 +177,28 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
                 break;
             }
             let signals = ctx.signals.clone();
+            let calls = client.calls_per_interval(operation).max(1);
+            let (client, operation) = (client.clone(), operation.clone());
+            let interval = ctx.config.probes.interval;
             *slot = Some(tokio::spawn(async move {
-                let (finished, extras) = finish.await;
-                for extra in extras {
-                    signals.send(extra).await;
+                let began = tokio::time::Instant::now();
+                let mut finish: Pin<Box<dyn Future<Output = Finished> + Send>> = Box::pin(finish);
+                for done in 1.. {
+                    let finished = finish.await;
+                    for extra in finished.extras {
+                        signals.send(extra).await;
+                    }
+                    signals.send(finished.signal).await;
+                    // The next in the chain only after an answer, and within half an interval.
+                    if !finished.answered || done >= calls || began.elapsed() > interval / 2 {
+                        break;
+                    }
+                    let (started, next) = start(client.as_ref(), &operation, deadline);
+                    if !signals.send(started).await {
+                        break;
+                    }
+                    finish = Box::pin(next);
                 }
-                signals.send(finished).await;
             }));
         }
     }
@@ -186,9 +208,15 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
     }
 }
 
-/// What a finished probe call yields: its `ProbeFinished` signal, and the signals to deliver
-/// before it (containers it listed, UNKNOWN tasks it saw).
-pub type Finished = (Signal, Vec<Signal>);
+/// What a finished probe call yields.
+pub struct Finished {
+    /// Its `ProbeFinished`.
+    pub signal: Signal,
+    /// To deliver before it: containers it listed, UNKNOWN tasks it saw.
+    pub extras: Vec<Signal>,
+    /// It answered successfully.
+    pub answered: bool,
+}
 
 /// Start one call of `operation`: the `ProbeStarted` signal to deliver first, and the call,
 /// bounded by `deadline`, resolving to its `ProbeFinished`.
@@ -225,6 +253,7 @@ pub fn start(
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ProbeFailure::Timeout),
         };
+        let answered = result.is_ok();
         let finished = probe_signal(ProbeSignal::Finished {
             runtime,
             operation,
@@ -233,7 +262,11 @@ pub fn start(
             finished: Instant::now(),
             result,
         });
-        (finished, extras)
+        Finished {
+            signal: finished,
+            extras,
+            answered,
+        }
     };
     (signal, finish)
 }
