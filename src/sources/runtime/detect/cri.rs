@@ -180,14 +180,29 @@ impl CriClient {
     }
 
     /// The next pod or container in rotation.
+    /// The rotation moves on only when this one answered: a call that hangs (and is
+    /// abandoned at its deadline) is asked again, so the stuck pod stays named, as it stays
+    /// the one blocking kubelet's relist.
     fn next_subject(&self) -> Option<StatusSubject> {
+        let shared = self.shared();
+        let count = shared.subjects.len();
+        (count > 0)
+            .then(|| shared.subjects.get(shared.cursor % count).cloned())
+            .flatten()
+    }
+
+    /// The status call about `id` answered (successfully or not): on to the next.
+    fn answered(&self, id: &str) {
         let mut shared = self.shared();
-        if shared.subjects.is_empty() {
-            return None;
+        let count = shared.subjects.len();
+        if count > 0
+            && shared
+                .subjects
+                .get(shared.cursor % count)
+                .is_some_and(|s| s.id == id)
+        {
+            shared.cursor = shared.cursor % count + 1;
         }
-        let index = shared.cursor % shared.subjects.len();
-        shared.cursor = index + 1;
-        shared.subjects.get(index).cloned()
     }
 
     fn saw_pods(&self, items: Vec<k8s_cri::v1::PodSandbox>) {
@@ -311,22 +326,27 @@ impl RuntimeClient for CriClient {
                     })
                     .await
                     .map(|_| ProbeAnswer::default()),
-                (Operation::StatusSample, Some(subject)) => match subject.kind {
-                    SubjectKind::PodSandbox => cri
-                        .pod_sandbox_status(PodSandboxStatusRequest {
-                            pod_sandbox_id: subject.id,
-                            verbose: false,
-                        })
-                        .await
-                        .map(|_| ProbeAnswer::default()),
-                    SubjectKind::Container => cri
-                        .container_status(ContainerStatusRequest {
-                            container_id: subject.id,
-                            verbose: false,
-                        })
-                        .await
-                        .map(|_| ProbeAnswer::default()),
-                },
+                (Operation::StatusSample, Some(subject)) => {
+                    let id = subject.id.clone();
+                    let answer = match subject.kind {
+                        SubjectKind::PodSandbox => cri
+                            .pod_sandbox_status(PodSandboxStatusRequest {
+                                pod_sandbox_id: subject.id,
+                                verbose: false,
+                            })
+                            .await
+                            .map(|_| ProbeAnswer::default()),
+                        SubjectKind::Container => cri
+                            .container_status(ContainerStatusRequest {
+                                container_id: subject.id,
+                                verbose: false,
+                            })
+                            .await
+                            .map(|_| ProbeAnswer::default()),
+                    };
+                    client.answered(&id);
+                    answer
+                }
                 (other, _) => {
                     return Err(ProbeFailure::Error(format!(
                         "{} is not a CRI operation",
@@ -372,10 +392,17 @@ mod tests {
             (first.kind, first.id.as_str()),
             (SubjectKind::PodSandbox, "p1")
         );
+        assert_eq!(
+            c.next_subject(),
+            Some(first),
+            "asked again until it answers"
+        );
+        c.answered("p1");
         let second = c.next_subject().expect("a subject");
         assert_eq!(second.kind, SubjectKind::Container);
         assert_eq!(second.container.as_deref(), Some("nginx"));
         assert_eq!(second.pod.as_deref(), Some("web"));
+        c.answered("c1");
         assert_eq!(
             c.next_subject().map(|s| s.id),
             Some("p1".into()),
