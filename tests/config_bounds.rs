@@ -179,7 +179,7 @@ fn run_refuses_an_overflowing_interval_instead_of_panicking() {
     std::fs::write(
         &file,
         format!(
-            "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n\
+            "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
              probes:\n  interval: 18446744073709551615s\n",
             dir.path().display()
         ),
