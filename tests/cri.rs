@@ -212,7 +212,7 @@ fn a_cri_only_hang_is_the_cri_layer_wedged_with_the_container_named_and_clears()
     // The stuck status call is abandoned at its deadline and asked again: still named.
     wait_for(
         "the stuck status call to time out once",
-        Duration::from_secs(30),
+        Duration::from_secs(50),
         || {
             (hw.metric(
                 "hangwatch_runtime_probe_failures_total",

@@ -37,6 +37,9 @@ pub struct PrivateCri {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub tmp: PathBuf,
+    /// The pods' cgroup parent, removed on drop (CRI's default, `/k8s.io`, would be left on
+    /// the machine).
+    cgroup_parent: String,
     containerd: Option<Child>,
     rt: tokio::runtime::Runtime,
 }
@@ -78,6 +81,7 @@ impl PrivateCri {
         let mut d = PrivateCri {
             socket: dir.join("run/containerd.sock"),
             tmp: dir.join("tmp"),
+            cgroup_parent: format!("/hwc-{}-{n}", std::process::id()),
             dir,
             containerd: None,
             rt,
@@ -320,6 +324,7 @@ impl PrivateCri {
             }),
             log_directory: self.dir.join("logs").join(name).display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: self.cgroup_parent.clone(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Node as i32,
@@ -517,6 +522,16 @@ impl Drop for PrivateCri {
         }
         // Shims outlive containerd; with them gone the mount namespace and its mounts go.
         kill_leftover_shims(&self.socket);
+        // Empty once the pods are gone; rmdir removes nothing else.
+        if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+            for hierarchy in hierarchies.flatten() {
+                let _ = fs::remove_dir(
+                    hierarchy
+                        .path()
+                        .join(self.cgroup_parent.trim_start_matches('/')),
+                );
+            }
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
