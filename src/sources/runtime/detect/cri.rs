@@ -344,7 +344,13 @@ impl RuntimeClient for CriClient {
                             .await
                             .map(|_| ProbeAnswer::default()),
                     };
-                    client.answered(&id);
+                    // tonic's own deadline may fire before the caller's: that is no answer.
+                    if !answer
+                        .as_ref()
+                        .is_err_and(|s| s.code() == Code::DeadlineExceeded)
+                    {
+                        client.answered(&id);
+                    }
                     answer
                 }
                 (other, _) => {
