@@ -24,7 +24,7 @@ fn main() {
 
     let dir = TempDir::new("bench-kmsg");
     let config = format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\nkernel_log:\n  accept_non_kernel: true\n",
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\nkernel_log:\n  accept_non_kernel: true\n",
         dir.path().display()
     );
     let hw = Hangwatch::start(&config, dir.path());

@@ -187,6 +187,10 @@ mod tests {
             state_seconds: 0.0,
             operations: Vec::new(),
             permission_denied: false,
+            status_call_in_flight: None,
+            last_status_call: None,
+            kubelet: None,
+            unknown_tasks: Vec::new(),
         }
     }
 

@@ -11,15 +11,18 @@ use serde::{Deserialize, Serialize};
 pub enum Runtime {
     Docker,
     Containerd,
+    /// The CRI socket kubelet talks to (containerd's CRI plugin, CRI-O, cri-dockerd).
+    Cri,
 }
 
 impl Runtime {
-    pub const ALL: [Runtime; 2] = [Runtime::Docker, Runtime::Containerd];
+    pub const ALL: [Runtime; 3] = [Runtime::Docker, Runtime::Containerd, Runtime::Cri];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Runtime::Docker => "docker",
             Runtime::Containerd => "containerd",
+            Runtime::Cri => "cri",
         }
     }
 
@@ -28,6 +31,8 @@ impl Runtime {
         match self {
             Runtime::Docker => "dockerd",
             Runtime::Containerd => "containerd",
+            // Whichever daemon serves the CRI socket; dumps of containerd's are asked as containerd.
+            Runtime::Cri => "cri",
         }
     }
 }
@@ -155,7 +160,9 @@ pub mod as_daemon {
         Runtime::ALL
             .into_iter()
             .find(|r| r.daemon_name() == name)
-            .ok_or_else(|| serde::de::Error::unknown_variant(&name, &["dockerd", "containerd"]))
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(&name, &["dockerd", "containerd", "cri"])
+            })
     }
 }
 

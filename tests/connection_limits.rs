@@ -118,7 +118,7 @@ fn two_thousand_slowloris_connections_under_a_1024_fd_limit_leave_healthz_and_me
     );
     let dir = TempDir::new("slowloris");
     let config = format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n",
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n",
         dir.path().display()
     );
     let hw = Hangwatch::start_with(&config, dir.path(), |command| {

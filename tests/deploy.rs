@@ -71,6 +71,11 @@ fn daemonset_config_is_the_default_with_host_paths() {
     expected.docker.pidfile = "/host/run/docker.pid".into();
     expected.containerd.socket = "/host/run/containerd/containerd.sock".into();
     expected.containerd.stack_dump_dir = "/host/tmp".into();
+    expected.cri.sockets = vec![
+        "/host/run/containerd/containerd.sock".into(),
+        "/host/run/crio/crio.sock".into(),
+        "/host/run/cri-dockerd.sock".into(),
+    ];
     expected.proc_scan.cgroup_root = "/host/sys/fs/cgroup".into();
     expected.proc_scan.sys_root = "/host/sys".into();
     assert_eq!(config, expected);

@@ -73,7 +73,7 @@ fn docker_config(dir: &Path, socket: &Path, mode: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\n{THRESHOLDS}docker:\n  mode: {mode}\n  socket: {}\ncontainerd:\n  mode: disabled\n",
+            "state_dir: {}\n{THRESHOLDS}docker:\n  mode: {mode}\n  socket: {}\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n",
             dir.display(),
             socket.display()
         ),
@@ -87,7 +87,7 @@ fn containerd_config(dir: &Path, socket: &Path) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\n{THRESHOLDS}docker:\n  mode: disabled\ncontainerd:\n  mode: required\n  socket: {}\n",
+            "state_dir: {}\n{THRESHOLDS}docker:\n  mode: disabled\ncontainerd:\n  mode: required\n  socket: {}\ncri:\n  mode: disabled\n",
             dir.display(),
             socket.display()
         ),

@@ -22,7 +22,7 @@ use support::{Sysctl, exclusive, wait_for};
 /// hangwatch watching only the kernel log.
 fn kernel_only(state: &std::path::Path, extra: &str) -> String {
     format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n{extra}",
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n{extra}",
         state.display()
     )
 }

@@ -180,7 +180,7 @@ fn paused_container_is_frozen_never_stuck_and_unpause_clears_it() {
 fn host_task_in_d_has_scope_host() {
     let dir = TempDir::new("procscan-host");
     let config = format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\nkernel_log:\n  enabled: false\n{SCAN}",
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\nkernel_log:\n  enabled: false\n{SCAN}",
         dir.path().display()
     );
     let hw = Hangwatch::start(&config, dir.path());

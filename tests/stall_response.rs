@@ -260,7 +260,7 @@ fn a_pidfile_naming_another_process_is_never_signalled() {
     let pidfile = dir.path().join("docker.pid");
     std::fs::write(&pidfile, sleeper.id().to_string()).expect("pidfile");
     let config = format!(
-        "state_dir: {state}\n{FAST}docker:\n  mode: required\n  socket: {sock}\n  exec_root: {state}\n  pidfile: {pid}\ncontainerd:\n  mode: disabled\n",
+        "state_dir: {state}\n{FAST}docker:\n  mode: required\n  socket: {sock}\n  exec_root: {state}\n  pidfile: {pid}\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n",
         state = dir.path().display(),
         sock = socket.display(),
         pid = pidfile.display(),
@@ -346,7 +346,7 @@ fn daemon_found_through_another_path_to_its_socket() {
     let alias = dir.path().join("elsewhere.sock");
     std::os::unix::fs::symlink(&daemons.containerd_socket, &alias).expect("symlink");
     let config = format!(
-        "state_dir: {state}\n{FAST}docker:\n  mode: disabled\ncontainerd:\n  mode: required\n  socket: {alias}\n  stack_dump_dir: {tmp}\n  pidfile: \"\"\nkernel_log:\n  enabled: false\n",
+        "state_dir: {state}\n{FAST}docker:\n  mode: disabled\ncontainerd:\n  mode: required\n  socket: {alias}\n  stack_dump_dir: {tmp}\n  pidfile: \"\"\ncri:\n  mode: disabled\nkernel_log:\n  enabled: false\n",
         state = dir.path().display(),
         alias = alias.display(),
         tmp = daemons.containerd_tmp.display(),

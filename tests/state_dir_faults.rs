@@ -56,7 +56,7 @@ impl Drop for Tmpfs {
 
 fn config(state: &Path) -> String {
     format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n\
          proc_scan:\n  enabled: false\nlifecycle:\n  enabled: false\n\
          kernel_log:\n  source: kmsg\n  accept_non_kernel: true\n",
         state.display()

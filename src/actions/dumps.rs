@@ -224,7 +224,7 @@ fn before(job: &DumpJob) -> Before {
                 })
                 .unwrap_or_default(),
         ),
-        Runtime::Containerd => Before::ContainerdFile(
+        Runtime::Containerd | Runtime::Cri => Before::ContainerdFile(
             fs::metadata(containerd_dump_path(job))
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len()))),

@@ -22,8 +22,13 @@ impl ContainerResolver {
         ContainerResolver {
             docker: (config.docker.mode != RuntimeMode::Disabled)
                 .then(|| DockerClient::new(&config.docker, LOOKUP_DEADLINE)),
-            containerd: (config.containerd.mode != RuntimeMode::Disabled)
-                .then(|| ContainerdClient::new(&config.containerd, LOOKUP_DEADLINE)),
+            containerd: (config.containerd.mode != RuntimeMode::Disabled).then(|| {
+                ContainerdClient::new(
+                    &config.containerd,
+                    &config.proc_scan.proc_root,
+                    LOOKUP_DEADLINE,
+                )
+            }),
         }
     }
 

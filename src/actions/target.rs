@@ -22,6 +22,7 @@ fn executables(daemon: Runtime) -> &'static [&'static str] {
     match daemon {
         Runtime::Docker => &["dockerd"],
         Runtime::Containerd => &["containerd", "docker-containerd"],
+        Runtime::Cri => &["containerd", "crio", "cri-dockerd"],
     }
 }
 

@@ -16,6 +16,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 pub const MAX_NAMESPACE_LEN: usize = 76;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// CRI sockets tried in order: the well-known ones and a few of the operator's.
+const MAX_CRI_SOCKETS: usize = 8;
 const MAX_PATH: usize = 4096;
 const MAX_NAMESPACES: usize = 32;
 const MAX_RULES: usize = 256;
@@ -223,6 +225,16 @@ pub fn check(c: &Config) -> Vec<Problem> {
         0,
         MAX_NAMESPACES as u64,
     );
+    count(
+        out,
+        "cri.sockets",
+        c.cri.sockets.len() as u64,
+        1,
+        MAX_CRI_SOCKETS as u64,
+    );
+    for socket in &c.cri.sockets {
+        path(out, "cri.sockets", socket, true, MAX_SOCKET_PATH);
+    }
 
     let kernel = &c.kernel_log;
     path(out, "kernel_log.path", &kernel.path, true, MAX_PATH);

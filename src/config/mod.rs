@@ -32,6 +32,7 @@ pub struct Config {
     pub probes: ProbeConfig,
     pub docker: DockerConfig,
     pub containerd: ContainerdConfig,
+    pub cri: CriConfig,
     pub kernel_log: KernelLogConfig,
     pub proc_scan: ProcScanConfig,
     pub dumps: DumpConfig,
@@ -102,6 +103,15 @@ pub struct ContainerdConfig {
     pub namespaces: Vec<String>,
     pub stack_dump_dir: PathBuf,
     pub pidfile: PathBuf,
+}
+
+/// The CRI socket kubelet talks to: the first of `sockets` that exists and serves
+/// `runtime.v1.RuntimeService` is probed.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    pub mode: RuntimeMode,
+    pub sockets: Vec<PathBuf>,
 }
 
 /// Where the kernel log is read from.
@@ -338,6 +348,7 @@ impl Default for Config {
             probes: ProbeConfig::default(),
             docker: DockerConfig::default(),
             containerd: ContainerdConfig::default(),
+            cri: CriConfig::default(),
             kernel_log: KernelLogConfig::default(),
             proc_scan: ProcScanConfig::default(),
             dumps: DumpConfig::default(),
@@ -399,6 +410,19 @@ impl Default for ContainerdConfig {
             namespaces: vec!["moby".into(), "k8s.io".into()],
             stack_dump_dir: "/tmp".into(),
             pidfile: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            mode: RuntimeMode::Auto,
+            sockets: vec![
+                "/run/containerd/containerd.sock".into(),
+                "/var/run/crio/crio.sock".into(),
+                "/run/cri-dockerd.sock".into(),
+            ],
         }
     }
 }
@@ -648,6 +672,7 @@ impl Config {
         match runtime {
             Runtime::Docker => self.docker.mode,
             Runtime::Containerd => self.containerd.mode,
+            Runtime::Cri => self.cri.mode,
         }
     }
 

@@ -62,6 +62,19 @@ async fn dump(daemon: Runtime, config: Arc<Config>, signals: SignalSender) {
             config.containerd.pidfile.clone(),
             config.containerd.stack_dump_dir.clone(),
         ),
+        // The engine asks a CRI stall's dumps of containerd; CRI-O and cri-dockerd write none
+        // hangwatch knows how to collect.
+        Runtime::Cri => {
+            signals
+                .send(Signal::Action(Payload::new(DumpEvent::Finished {
+                    daemon,
+                    outcome: DumpOutcome::Failed {
+                        reason: "no goroutine dump is collected from a CRI socket's daemon".into(),
+                    },
+                })))
+                .await;
+            return;
+        }
     };
     let proc_root = config.proc_scan.proc_root.clone();
     let lookup_root = proc_root.clone();

@@ -126,6 +126,26 @@ pub enum Evidence {
         /// Its tasks in D or frozen, from /proc.
         held_by: HeldBy,
     },
+    /// A CRI call kubelet makes, in flight past the stall threshold.
+    CriCallBlocked {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        /// `ListContainers`, `ContainerStatus`, ...
+        call: String,
+        seconds: f64,
+        /// The pod or container a status call stuck on, when one is.
+        behind: Option<String>,
+    },
+    /// A task containerd lists as UNKNOWN: its shim did not answer the state call.
+    UnresponsiveShim {
+        #[serde(with = "humantime_serde")]
+        at: SystemTime,
+        container_id: String,
+        container: Option<String>,
+        shim_pid: Option<i32>,
+        shim_state: Option<char>,
+        shim_wchan: Option<String>,
+    },
 }
 
 impl Evidence {
@@ -136,7 +156,9 @@ impl Evidence {
             | Evidence::KernelEvent { at, .. }
             | Evidence::StuckTask { at, .. }
             | Evidence::StuckRuntimeProcess { at, .. }
-            | Evidence::StuckStop { at, .. } => *at,
+            | Evidence::StuckStop { at, .. }
+            | Evidence::CriCallBlocked { at, .. }
+            | Evidence::UnresponsiveShim { at, .. } => *at,
         }
     }
 
@@ -179,6 +201,18 @@ impl Evidence {
                     container_id: b, ..
                 },
             ) => a == b,
+            (
+                Evidence::CriCallBlocked { call: a, .. },
+                Evidence::CriCallBlocked { call: b, .. },
+            ) => a == b,
+            (
+                Evidence::UnresponsiveShim {
+                    container_id: a, ..
+                },
+                Evidence::UnresponsiveShim {
+                    container_id: b, ..
+                },
+            ) => a == b,
             _ => false,
         }
     }
@@ -213,6 +247,8 @@ pub struct Incident {
 pub enum Layer {
     Container,
     Dockerd,
+    /// containerd's CRI plugin (or another CRI server) while containerd's own API answers.
+    Cri,
     Containerd,
 }
 
@@ -222,6 +258,7 @@ impl Layer {
         match runtime {
             Runtime::Docker => Layer::Dockerd,
             Runtime::Containerd => Layer::Containerd,
+            Runtime::Cri => Layer::Cri,
         }
     }
 
@@ -229,6 +266,7 @@ impl Layer {
         match self {
             Layer::Container => "container",
             Layer::Dockerd => "dockerd",
+            Layer::Cri => "cri",
             Layer::Containerd => "containerd",
         }
     }
@@ -602,6 +640,10 @@ pub fn suspected_cause(incident: &Incident) -> String {
         (Runtime::Docker, Layer::Containerd) => "containerd blocked, dockerd waiting on it".into(),
         (Runtime::Docker, _) => "dockerd blocked while containerd answers".into(),
         (Runtime::Containerd, _) => "containerd blocked".into(),
+        (Runtime::Cri, Layer::Containerd) => {
+            "containerd hung: its CRI calls and its own API are stuck".into()
+        }
+        (Runtime::Cri, _) => "CRI layer wedged while the runtime's own API answers".into(),
     });
     let started = incident.started_at;
     let ago = |at: SystemTime| -> String {
@@ -701,6 +743,7 @@ pub fn suspected_cause(incident: &Incident) -> String {
         parts.extend(wait_chains(&stuck));
     }
     parts.extend(incident.evidence.iter().filter_map(stuck_stop_cause));
+    parts.extend(incident.evidence.iter().filter_map(cri_cause));
     for dump in &incident.dumps {
         if let Some(triage) = &dump.triage {
             parts.push(format!("{} dump: {triage}", dump.daemon.daemon_name()));
@@ -765,6 +808,50 @@ fn waiting_frame(frames: &[String]) -> Option<&str> {
         .iter()
         .map(|f| f.split_once('+').map_or(f.as_str(), |(symbol, _)| symbol))
         .find(|symbol| !symbol.trim_start_matches('_').starts_with("schedule"))
+}
+
+/// "CRI ListContainers blocked 45 s behind container app of pod default/web" and "shim pid 812
+/// of container app is stopped (T) in do_signal_stop".
+fn cri_cause(evidence: &Evidence) -> Option<String> {
+    match evidence {
+        Evidence::CriCallBlocked {
+            call,
+            seconds,
+            behind,
+            ..
+        } => {
+            let behind = behind
+                .as_ref()
+                .map(|b| format!(" behind {b}"))
+                .unwrap_or_default();
+            Some(format!("CRI {call} blocked {}{behind}", human(*seconds)))
+        }
+        Evidence::UnresponsiveShim {
+            container_id,
+            container,
+            shim_pid,
+            shim_state,
+            shim_wchan,
+            ..
+        } => {
+            let of = container.clone().unwrap_or_else(|| container_id.clone());
+            let Some(pid) = shim_pid else {
+                return Some(format!("the shim of {of} does not answer (task UNKNOWN)"));
+            };
+            let state = match shim_state {
+                Some('T') | Some('t') => "is stopped (T)".to_string(),
+                Some('D') => "is in D".to_string(),
+                Some(other) => format!("is in state {other}"),
+                None => "is gone".to_string(),
+            };
+            let wchan = shim_wchan
+                .as_ref()
+                .map(|w| format!(" in {w}"))
+                .unwrap_or_default();
+            Some(format!("shim pid {pid} of {of} {state}{wchan}"))
+        }
+        _ => None,
+    }
 }
 
 /// "stop of container web (image shop/web:3) stuck for 45 s, SIGKILL sent: held by 2 task(s)

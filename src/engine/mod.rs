@@ -211,6 +211,10 @@ impl Engine {
                 .incident_open
                 .get_or_create(&labels)
                 .set(i64::from(open));
+            // A CRI stall's dumps are containerd's: no daemon of its own to count.
+            if runtime == Runtime::Cri {
+                continue;
+            }
             for result in ["ok", "timeout", "failed", "cooldown"] {
                 self.metrics
                     .goroutine_dumps_total
@@ -380,10 +384,15 @@ impl Engine {
         let Some(effects) = &self.effects else {
             return;
         };
-        let mut daemons = vec![runtime];
-        if runtime == Runtime::Docker && self.config.containerd.mode != RuntimeMode::Disabled {
-            daemons.push(Runtime::Containerd);
-        }
+        let containerd = self.config.containerd.mode != RuntimeMode::Disabled;
+        // A CRI stall is most often containerd's CRI plugin: its dump is containerd's. CRI-O
+        // and cri-dockerd dumps are not collected.
+        let daemons = match runtime {
+            Runtime::Docker if containerd => vec![Runtime::Docker, Runtime::Containerd],
+            Runtime::Cri if containerd => vec![Runtime::Containerd],
+            Runtime::Cri => Vec::new(),
+            other => vec![other],
+        };
         for daemon in daemons {
             let changes = match self.dump_policy.decide(daemon, now.mono) {
                 Decision::Allow => {

@@ -7,7 +7,9 @@ use super::*;
 use crate::config::Config;
 use crate::sources::kernel::KernelSection;
 use crate::sources::runtime::RuntimesSection;
-use crate::sources::runtime::detect::{Operation, ProbeFailure, ProbeSignal, Unreachable};
+use crate::sources::runtime::detect::{
+    Operation, ProbeFailure, ProbeSignal, StatusSubject, SubjectKind, UnknownTask, Unreachable,
+};
 use crate::sources::runtime::verdict::RuntimeState;
 use crate::sources::{self, Now};
 
@@ -76,6 +78,7 @@ impl Clock {
 fn docker_only() -> Config {
     let mut config = Config::default();
     config.containerd.mode = RuntimeMode::Disabled;
+    config.cri.mode = RuntimeMode::Disabled;
     config.kernel_log.enabled = false;
     config.proc_scan.enabled = false;
     config.lifecycle.enabled = false;
@@ -113,13 +116,25 @@ impl Driven {
 
     /// A probe of `operation` starting at `start`; returns its id.
     fn start(&mut self, operation: Operation, start: f64) -> u64 {
+        self.start_on(Runtime::Docker, operation, start, None)
+    }
+
+    /// A probe of `runtime`'s `operation` about `subject` starting at `start`; returns its id.
+    fn start_on(
+        &mut self,
+        runtime: Runtime,
+        operation: Operation,
+        start: f64,
+        subject: Option<StatusSubject>,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let signal = ProbeSignal::Started {
-            runtime: Runtime::Docker,
+            runtime,
             operation,
             id,
             at: self.clock.at(start).mono,
+            subject,
         };
         self.engine.apply(
             Signal::source(sources::runtime::NAME, signal),
@@ -136,8 +151,20 @@ impl Driven {
         end: f64,
         result: Result<(), ProbeFailure>,
     ) {
+        self.finish_on(Runtime::Docker, operation, id, start, end, result);
+    }
+
+    fn finish_on(
+        &mut self,
+        runtime: Runtime,
+        operation: Operation,
+        id: u64,
+        start: f64,
+        end: f64,
+        result: Result<(), ProbeFailure>,
+    ) {
         let signal = ProbeSignal::Finished {
-            runtime: Runtime::Docker,
+            runtime,
             operation,
             id,
             started: self.clock.at(start).mono,
@@ -163,12 +190,25 @@ impl Driven {
     }
 
     fn docker_state(&self) -> RuntimeState {
+        self.state_of(Runtime::Docker).0
+    }
+
+    /// The runtime's state and reason in the last snapshot.
+    fn state_of(&self, runtime: Runtime) -> (RuntimeState, String) {
         let snapshot = self.snapshot.borrow().clone();
         snapshot
             .section::<RuntimesSection>()
-            .and_then(|s| s.0.iter().find(|r| r.runtime == Runtime::Docker))
-            .map(|r| r.state)
-            .unwrap_or(RuntimeState::Pending)
+            .and_then(|s| s.0.iter().find(|r| r.runtime == runtime))
+            .map(|r| (r.state, r.reason.clone()))
+            .unwrap_or((RuntimeState::Pending, String::new()))
+    }
+
+    /// Every operation of `runtime` answers within 10 ms of `at`.
+    fn answers(&mut self, runtime: Runtime, operations: &[Operation], at: f64) {
+        for operation in operations {
+            let id = self.start_on(runtime, operation.clone(), at, None);
+            self.finish_on(runtime, operation.clone(), id, at, at + 0.01, Ok(()));
+        }
     }
 
     fn incidents(&self) -> Vec<Incident> {
@@ -354,6 +394,151 @@ fn a_signal_for_no_registered_source_is_dropped() {
         .apply(Signal::source("no-such-source", 42_u32), d.clock.at(0.0));
     d.evaluate(0.25);
     assert_eq!(d.docker_state(), RuntimeState::Pending);
+}
+
+/// containerd (native) and its CRI socket probed, nothing else.
+fn containerd_with_cri() -> Config {
+    let mut config = docker_only();
+    config.docker.mode = RuntimeMode::Disabled;
+    config.containerd.mode = RuntimeMode::Auto;
+    config.containerd.namespaces = vec!["k8s.io".into()];
+    config.cri.mode = RuntimeMode::Auto;
+    config
+}
+
+fn native() -> Vec<Operation> {
+    vec![
+        Operation::Version,
+        Operation::ListTasks {
+            namespace: "k8s.io".into(),
+        },
+    ]
+}
+
+#[test]
+fn cri_stuck_while_containerd_answers_is_the_cri_layer_wedged_and_names_the_chain() {
+    let mut d = Driven::new(containerd_with_cri());
+    d.answers(Runtime::Containerd, &native(), 0.0);
+    d.answers(
+        Runtime::Cri,
+        &sources::runtime::detect::cri::OPERATIONS,
+        0.0,
+    );
+    d.evaluate(0.25);
+    assert_eq!(d.state_of(Runtime::Cri).0, RuntimeState::Healthy);
+
+    // The container's status call and every ListContainers hang (containerd#10583); the
+    // native API and CRI Status still answer; Tasks.List reports the task UNKNOWN.
+    let app = StatusSubject {
+        kind: SubjectKind::Container,
+        id: "c0ffee0000000000".into(),
+        pod: Some("web".into()),
+        namespace: Some("shop".into()),
+        container: Some("app".into()),
+    };
+    d.start_on(Runtime::Cri, Operation::StatusSample, 1.0, Some(app));
+    d.start_on(Runtime::Cri, Operation::ListContainers, 1.0, None);
+    d.engine.apply(
+        Signal::source(
+            sources::runtime::NAME,
+            ProbeSignal::UnknownTasks {
+                namespace: "k8s.io".into(),
+                tasks: vec![UnknownTask {
+                    container_id: "c0ffee0000000000".into(),
+                    shim_pid: Some(812),
+                    shim_state: Some('T'),
+                    shim_wchan: Some("do_signal_stop".into()),
+                }],
+            },
+        ),
+        d.clock.at(2.0),
+    );
+    for t in [5.0, 10.0] {
+        d.answers(Runtime::Containerd, &native(), t);
+        d.answers(
+            Runtime::Cri,
+            &[Operation::Status, Operation::ListPodSandbox],
+            t,
+        );
+    }
+    d.evaluate(10.5);
+    assert_ne!(
+        d.state_of(Runtime::Cri).0,
+        RuntimeState::Wedged,
+        "not before the threshold"
+    );
+    d.evaluate(11.25);
+    let (state, reason) = d.state_of(Runtime::Cri);
+    assert_eq!(state, RuntimeState::Wedged, "{reason}");
+    assert!(reason.starts_with("CRI layer wedged"), "{reason}");
+    assert!(reason.contains("container app"), "{reason}");
+    assert!(reason.contains("containerd's own API answers"), "{reason}");
+    assert_eq!(d.state_of(Runtime::Containerd).0, RuntimeState::Healthy);
+    assert_eq!(
+        d.metric(r#"hangwatch_runtime_state{node="node-a",runtime="cri",state="wedged"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric(r#"hangwatch_containerd_unknown_tasks{node="node-a",namespace="k8s.io"}"#),
+        Some(1.0)
+    );
+    assert!(
+        d.done.taken().contains(&Done::Dump(Runtime::Containerd)),
+        "a CRI stall asks containerd for its dump"
+    );
+    let incident = d
+        .incidents()
+        .into_iter()
+        .find(|i| i.runtime == Runtime::Cri)
+        .expect("a CRI incident");
+    assert_eq!(incident.layer, incidents::Layer::Cri);
+    let cause = &incident.suspected_cause;
+    assert!(cause.starts_with("CRI layer wedged"), "{cause}");
+    assert!(cause.contains("CRI ListContainers blocked"), "{cause}");
+    assert!(cause.contains("behind container app"), "{cause}");
+    assert!(
+        cause.contains("shim pid 812 of app is stopped (T)"),
+        "{cause}"
+    );
+
+    // Kubelet's relist clock runs from the last completed relist (t = 0).
+    let left = d
+        .metric(r#"hangwatch_kubelet_pleg_relist_seconds_left{node="node-a"}"#)
+        .expect("exported");
+    assert!((left - (180.0 - 11.25)).abs() < 0.1, "{left}");
+}
+
+#[test]
+fn cri_and_containerd_both_stuck_is_containerd_hung() {
+    let mut d = Driven::new(containerd_with_cri());
+    d.answers(Runtime::Containerd, &native(), 0.0);
+    d.answers(
+        Runtime::Cri,
+        &sources::runtime::detect::cri::OPERATIONS,
+        0.0,
+    );
+    for op in native() {
+        d.start_on(Runtime::Containerd, op, 1.0, None);
+    }
+    for op in sources::runtime::detect::cri::OPERATIONS {
+        d.start_on(Runtime::Cri, op, 1.0, None);
+    }
+    d.evaluate(11.25);
+    assert_eq!(d.state_of(Runtime::Containerd).0, RuntimeState::Hung);
+    let (state, reason) = d.state_of(Runtime::Cri);
+    assert_eq!(state, RuntimeState::Hung, "{reason}");
+    assert!(reason.starts_with("containerd hung"), "{reason}");
+    let incident = d
+        .incidents()
+        .into_iter()
+        .find(|i| i.runtime == Runtime::Cri)
+        .expect("a CRI incident");
+    assert_eq!(incident.layer, incidents::Layer::Containerd);
+    assert!(
+        incident.suspected_cause.starts_with("containerd hung"),
+        "{}",
+        incident.suspected_cause
+    );
 }
 
 #[test]

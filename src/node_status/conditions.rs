@@ -68,6 +68,11 @@ pub fn runtime_reason(runtime: Runtime, state: RuntimeState) -> Option<&'static 
         (Runtime::Containerd, Hung) => Some("ContainerdHung"),
         (Runtime::Containerd, Wedged) => Some("ContainerdWedged"),
         (Runtime::Containerd, Down) => Some("ContainerdDown"),
+        // The CRI socket stuck while the daemon's own API answers (containerd#10583): the
+        // message names the call and the pod it is blocked behind.
+        (Runtime::Cri, Wedged) => Some("CRIWedged"),
+        (Runtime::Cri, Hung) => Some("CRIRuntimeHung"),
+        (Runtime::Cri, Down) => Some("CRIRuntimeDown"),
     }
 }
 
@@ -75,7 +80,8 @@ pub fn runtime_reason(runtime: Runtime, state: RuntimeState) -> Option<&'static 
 fn layer_rank(runtime: Runtime) -> u8 {
     match runtime {
         Runtime::Containerd => 0,
-        Runtime::Docker => 1,
+        Runtime::Cri => 1,
+        Runtime::Docker => 2,
     }
 }
 
@@ -266,6 +272,10 @@ mod tests {
                 state_seconds: 3.0,
                 operations: Vec::new(),
                 permission_denied: false,
+                status_call_in_flight: None,
+                last_status_call: None,
+                kubelet: None,
+                unknown_tasks: Vec::new(),
             })
             .collect();
         Snapshot {
@@ -368,5 +378,19 @@ mod tests {
     fn the_lowest_stuck_layer_is_the_cause() {
         assert!(layer_rank(Runtime::Containerd) < layer_rank(Runtime::Docker));
         assert!(state_rank(RuntimeState::Hung) < state_rank(RuntimeState::Down));
+    }
+
+    #[test]
+    fn a_wedged_cri_layer_is_its_own_reason_and_a_hung_containerd_beneath_it_wins() {
+        use Runtime::{Containerd, Cri};
+        use RuntimeState::{Healthy, Hung, Wedged};
+        let kind = ConditionKind::RuntimeUnhealthy;
+        let wedged = opinion(kind, &snapshot(&[(Containerd, Healthy), (Cri, Wedged)]), true)
+            .expect("an opinion");
+        assert!(wedged.problem);
+        assert_eq!(wedged.reason, "CRIWedged");
+        let hung = opinion(kind, &snapshot(&[(Containerd, Hung), (Cri, Hung)]), true)
+            .expect("an opinion");
+        assert_eq!(hung.reason, "ContainerdHung");
     }
 }

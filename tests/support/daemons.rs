@@ -232,7 +232,8 @@ impl PrivateDaemons {
         format!(
             "state_dir: {state}\n\
              docker:\n  mode: required\n  socket: {dsock}\n  exec_root: {exec}\n  pidfile: {pid}\n\
-             containerd:\n  mode: required\n  socket: {csock}\n  stack_dump_dir: {tmp}\n{extra}",
+             containerd:\n  mode: required\n  socket: {csock}\n  stack_dump_dir: {tmp}\n\
+             cri:\n  mode: disabled\n{extra}",
             state = state_dir.display(),
             dsock = self.docker_socket.display(),
             exec = self.docker_exec_root.display(),
@@ -315,7 +316,7 @@ fn stop(mut child: Child) {
 }
 
 /// Shims outlive containerd by design; ours are the ones naming our socket.
-fn kill_leftover_shims(socket: &Path) {
+pub fn kill_leftover_shims(socket: &Path) {
     let Ok(entries) = fs::read_dir("/proc") else {
         return;
     };

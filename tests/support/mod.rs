@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cordoner;
+pub mod cri;
 pub mod daemons;
 pub mod fake_apiserver;
 pub mod hangwatch;

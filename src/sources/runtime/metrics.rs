@@ -33,6 +33,11 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
 fn probe_histogram() -> Histogram {
     Histogram::new(PROBE_BUCKETS)
 }
@@ -44,10 +49,15 @@ pub struct RuntimeMetrics {
     pub probe_in_flight_seconds: Family<OperationLabels, FloatGauge>,
     pub probe_duration_seconds: HistogramFamily<OperationLabels>,
     pub probe_failures_total: Family<FailureLabels, Counter>,
+    pub unknown_tasks: Family<NamespaceLabels, Gauge>,
+    pub kubelet_pleg_seconds_left: FloatGauge,
+    pub kubelet_status_seconds_left: FloatGauge,
 }
 
 impl RuntimeMetrics {
-    pub fn register(registry: &mut Registry) -> RuntimeMetrics {
+    /// `cri`: the CRI runtime is probed, so kubelet's clocks are exported (a node without
+    /// one must not show a clock at zero).
+    pub fn register(registry: &mut Registry, cri: bool) -> RuntimeMetrics {
         let m = RuntimeMetrics {
             up: Family::default(),
             stalled: Family::default(),
@@ -55,6 +65,9 @@ impl RuntimeMetrics {
             probe_in_flight_seconds: Family::default(),
             probe_duration_seconds: Family::new_with_constructor(probe_histogram),
             probe_failures_total: Family::default(),
+            unknown_tasks: Family::default(),
+            kubelet_pleg_seconds_left: FloatGauge::default(),
+            kubelet_status_seconds_left: FloatGauge::default(),
         };
         registry.register(
             "hangwatch_runtime_up",
@@ -85,6 +98,24 @@ impl RuntimeMetrics {
             "hangwatch_runtime_probe_failures",
             "Probe calls that failed, by reason: timeout, error, unreachable",
             m.probe_failures_total.clone(),
+        );
+        registry.register(
+            "hangwatch_containerd_unknown_tasks",
+            "Tasks containerd's Tasks.List reports as UNKNOWN (their shim did not answer), by namespace",
+            m.unknown_tasks.clone(),
+        );
+        if !cri {
+            return m;
+        }
+        registry.register(
+            "hangwatch_kubelet_pleg_relist_seconds_left",
+            "Seconds until kubelet's PLEG would go unhealthy (3 min without a completed CRI relist), from the CRI probes",
+            m.kubelet_pleg_seconds_left.clone(),
+        );
+        registry.register(
+            "hangwatch_kubelet_runtime_status_seconds_left",
+            "Seconds until kubelet would call the runtime down (30 s without a CRI Status answer), from the CRI probes",
+            m.kubelet_status_seconds_left.clone(),
         );
         m
     }

@@ -3,6 +3,7 @@
 //! call in flight (healthy, slow, wedged, hung, down, absent).
 
 pub mod detect;
+pub mod kubelet;
 mod metrics;
 pub mod state;
 pub mod verdict;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::sources::{CheckFindings, CheckRun, Detector, Now, Source, SourceState};
 use metrics::RuntimeMetrics;
 
@@ -39,7 +40,8 @@ impl Source for RuntimeSource {
         registry: &mut Registry,
         now: Now,
     ) -> Option<Box<dyn SourceState>> {
-        let metrics = RuntimeMetrics::register(registry);
+        let metrics =
+            RuntimeMetrics::register(registry, config.cri.mode != config::RuntimeMode::Disabled);
         Some(Box::new(state::RuntimeSlice::new(config, metrics, now)))
     }
 
@@ -64,18 +66,21 @@ impl Source for RuntimeSource {
                     let done = done_tx.clone();
                     outstanding += 1;
                     tokio::spawn(async move {
-                        let (finished, _) = finish.await;
+                        let finished = finish.await;
                         // The receiver is gone only when check gave up waiting.
-                        let _ = done.send(finished);
+                        for extra in finished.extras {
+                            let _ = done.send((extra, false));
+                        }
+                        let _ = done.send((finished.signal, true));
                     });
                 }
             }
             let give_up = tokio::time::Instant::now() + give_up;
             while outstanding > 0 {
                 match tokio::time::timeout_at(give_up, done_rx.recv()).await {
-                    Ok(Some(finished)) => {
-                        found.signals.push(finished);
-                        outstanding -= 1;
+                    Ok(Some((signal, is_finish))) => {
+                        found.signals.push(signal);
+                        outstanding -= usize::from(is_finish);
                     }
                     Ok(None) | Err(_) => break,
                 }

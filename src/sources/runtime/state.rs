@@ -7,12 +7,13 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::detect::{self, ProbeFailure, ProbeSignal};
+use super::detect::{self, Operation, ProbeFailure, ProbeSignal, StatusSubject, UnknownTask};
+use super::kubelet::KubeletClocks;
 use super::metrics::{FailureLabels, OperationLabels, RuntimeMetrics, RuntimeStateLabels};
 use super::verdict::{OperationStatus, RuntimeState, RuntimeTracker, Verdict};
 use crate::config::{Config, ProbeConfig, RuntimeMode};
 use crate::domain::Runtime;
-use crate::engine::incidents::{Layer, Observation};
+use crate::engine::incidents::{Evidence, Layer, Observation};
 use crate::metrics::RuntimeLabels;
 use crate::signal::Payload;
 use crate::sources::{Action, Context, Now, Section, SourceState, json_of, payload_of};
@@ -21,7 +22,14 @@ struct TrackedRuntime {
     tracker: RuntimeTracker,
     verdict: Verdict,
     since: Instant,
+    /// The pod or container of the CRI status call in flight, with its probe id.
+    sample_in_flight: Option<(u64, StatusSubject)>,
+    /// The pod or container the last status call asked about.
+    last_sampled: Option<StatusSubject>,
 }
+
+/// How often a CRI call still blocked is restated as evidence (its age grows).
+const CRI_EVIDENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct RuntimeSlice {
     runtimes: Vec<TrackedRuntime>,
@@ -29,6 +37,13 @@ pub struct RuntimeSlice {
     trigger_states: Vec<RuntimeState>,
     dumps_enabled: bool,
     metrics: RuntimeMetrics,
+    /// containerd tasks listed UNKNOWN in the last `Tasks.List` of each namespace.
+    unknown_tasks: std::collections::BTreeMap<String, Vec<UnknownTask>>,
+    /// Evidence to add to the incidents at the next settle.
+    pending_evidence: Vec<Evidence>,
+    /// What was last stated as CRI evidence, and when.
+    cri_evidence_said: Option<(Vec<String>, Instant)>,
+    kubelet: Option<KubeletClocks>,
 }
 
 impl RuntimeSlice {
@@ -48,6 +63,8 @@ impl RuntimeSlice {
                         reason: "no probe finished yet".into(),
                     },
                     since: now.mono,
+                    sample_in_flight: None,
+                    last_sampled: None,
                 })
             })
             .collect();
@@ -57,6 +74,11 @@ impl RuntimeSlice {
             trigger_states: config.dumps.trigger_states.clone(),
             dumps_enabled: config.dumps.enabled,
             metrics,
+            unknown_tasks: Default::default(),
+            pending_evidence: Vec::new(),
+            cri_evidence_said: None,
+            kubelet: (config.cri.mode != RuntimeMode::Disabled)
+                .then(|| KubeletClocks::new(now.mono)),
         };
         slice.initialise_series();
         slice
@@ -107,9 +129,38 @@ impl RuntimeSlice {
                 operation,
                 id,
                 at,
+                subject,
             } => {
                 if let Some(tracked) = self.tracked(runtime) {
                     tracked.tracker.probe_started(&operation, id, at);
+                    if operation == Operation::StatusSample {
+                        tracked.last_sampled = subject.clone();
+                        tracked.sample_in_flight = subject.map(|s| (id, s));
+                    }
+                }
+            }
+            ProbeSignal::UnknownTasks { namespace, tasks } => {
+                let labels = super::metrics::NamespaceLabels {
+                    namespace: namespace.clone(),
+                };
+                self.metrics
+                    .unknown_tasks
+                    .get_or_create(&labels)
+                    .set(i64::try_from(tasks.len()).unwrap_or(i64::MAX));
+                for task in &tasks {
+                    tracing::warn!(
+                        %namespace,
+                        container = %task.container_id,
+                        shim_pid = ?task.shim_pid,
+                        shim_state = ?task.shim_state,
+                        shim_wchan = ?task.shim_wchan,
+                        "containerd lists a task as UNKNOWN: its shim does not answer"
+                    );
+                }
+                if tasks.is_empty() {
+                    self.unknown_tasks.remove(&namespace);
+                } else {
+                    self.unknown_tasks.insert(namespace, tasks);
                 }
             }
             ProbeSignal::Finished {
@@ -142,6 +193,15 @@ impl RuntimeSlice {
                         .observe(finished.saturating_duration_since(started).as_secs_f64());
                 }
                 if let Some(tracked) = self.tracked(runtime) {
+                    if operation == Operation::StatusSample
+                        && tracked
+                            .sample_in_flight
+                            .as_ref()
+                            .is_some_and(|(i, _)| *i == id)
+                        && !matches!(result, Err(ProbeFailure::Timeout))
+                    {
+                        tracked.sample_in_flight = None;
+                    }
                     tracked
                         .tracker
                         .probe_finished(&operation, id, started, finished, result);
@@ -184,17 +244,153 @@ impl RuntimeSlice {
         }
     }
 
-    /// The lowest layer stalled right now: containerd under dockerd.
+    /// The lowest layer stalled right now: containerd under dockerd and under CRI.
     fn stalled_layer(&self, runtime: Runtime) -> Layer {
         let containerd_stalled = self
             .runtimes
             .iter()
             .any(|t| t.tracker.runtime() == Runtime::Containerd && t.verdict.state.is_stalled());
-        if containerd_stalled {
+        let containerd_hung = self.state_of(Runtime::Containerd) == Some(RuntimeState::Hung);
+        if runtime == Runtime::Cri && !containerd_hung {
+            Layer::Cri
+        } else if containerd_stalled {
             Layer::Containerd
         } else {
             Layer::of(runtime)
         }
+    }
+}
+
+impl RuntimeSlice {
+    fn state_of(&self, runtime: Runtime) -> Option<RuntimeState> {
+        self.runtimes
+            .iter()
+            .find(|t| t.tracker.runtime() == runtime)
+            .map(|t| t.verdict.state)
+    }
+
+    /// The UNKNOWN task of `container_id`, in any namespace.
+    fn unknown_task(&self, container_id: &str) -> Option<&UnknownTask> {
+        self.unknown_tasks
+            .values()
+            .flatten()
+            .find(|t| t.container_id == container_id)
+    }
+
+    /// The CRI verdict with the layer named: a stalled CRI whose containerd answers its own
+    /// API is the CRI layer wedged; with containerd's own API stuck too, containerd is hung.
+    /// Also the evidence that names the chain: the blocked calls, the pod or container a
+    /// status call is stuck on, and its shim.
+    fn attribute_cri(&mut self, verdicts: &mut [Verdict], now: Now) {
+        let state_of = |runtime: Runtime| {
+            self.runtimes
+                .iter()
+                .zip(verdicts.iter())
+                .find(|(t, _)| t.tracker.runtime() == runtime)
+                .map(|(_, v)| v.state)
+        };
+        let containerd = state_of(Runtime::Containerd);
+        let Some(cri) = self
+            .runtimes
+            .iter()
+            .position(|t| t.tracker.runtime() == Runtime::Cri)
+        else {
+            return;
+        };
+        let stuck_on = {
+            let tracked = &self.runtimes[cri];
+            let sample_age = tracked
+                .tracker
+                .in_flight_age(&Operation::StatusSample, now.mono);
+            tracked
+                .sample_in_flight
+                .as_ref()
+                .filter(|_| sample_age > self.thresholds.stall_threshold)
+                .map(|(_, subject)| subject.clone())
+        };
+        let shim = stuck_on
+            .as_ref()
+            .and_then(|s| self.unknown_task(&s.id).cloned());
+        let tracked = &self.runtimes[cri];
+        let Some(verdict) = verdicts.get_mut(cri) else {
+            return;
+        };
+        if !verdict.state.is_stalled() {
+            self.cri_evidence_said = None;
+            return;
+        }
+        let mut reason = verdict.reason.clone();
+        if let Some(subject) = &stuck_on {
+            reason.push_str(&format!("; status call of {subject} does not answer"));
+        }
+        if let Some(task) = &shim {
+            reason.push_str(&format!(
+                "; its shim pid {} is in state {}",
+                task.shim_pid.map_or("?".into(), |p| p.to_string()),
+                task.shim_state.unwrap_or('?')
+            ));
+        }
+        match containerd {
+            Some(RuntimeState::Hung) => {
+                *verdict = Verdict {
+                    state: RuntimeState::Hung,
+                    reason: format!(
+                        "containerd hung: CRI and containerd's own API stuck ({reason})"
+                    ),
+                };
+            }
+            Some(state) if state.is_up() => {
+                *verdict = Verdict {
+                    state: RuntimeState::Wedged,
+                    reason: format!("CRI layer wedged: {reason}; containerd's own API answers"),
+                };
+            }
+            _ => verdict.reason = reason,
+        }
+        let blocked: Vec<(String, f64)> = tracked
+            .tracker
+            .operation_status(now.mono)
+            .into_iter()
+            .filter_map(|op| op.stalled_seconds.map(|s| (op.operation, s)))
+            .collect();
+        let key: Vec<String> = blocked.iter().map(|(op, _)| op.clone()).collect();
+        let due = self.cri_evidence_said.as_ref().is_none_or(|(said, at)| {
+            *said != key || now.mono.saturating_duration_since(*at) >= CRI_EVIDENCE_EVERY
+        });
+        if !due {
+            return;
+        }
+        self.cri_evidence_said = Some((key, now.mono));
+        let behind = stuck_on.as_ref().map(|s| s.to_string());
+        for (operation, seconds) in blocked {
+            self.pending_evidence.push(Evidence::CriCallBlocked {
+                at: now.wall,
+                call: cri_call_name(&operation).to_string(),
+                seconds,
+                behind: behind.clone().filter(|_| operation != "status_sample"),
+            });
+        }
+        if let (Some(subject), Some(task)) = (&stuck_on, shim) {
+            self.pending_evidence.push(Evidence::UnresponsiveShim {
+                at: now.wall,
+                container_id: task.container_id.clone(),
+                container: subject.container.clone(),
+                shim_pid: task.shim_pid,
+                shim_state: task.shim_state,
+                shim_wchan: task.shim_wchan.clone(),
+            });
+        }
+    }
+}
+
+/// The CRI method an operation calls, as kubelet's logs name it.
+fn cri_call_name(operation: &str) -> &str {
+    match operation {
+        "status" => "Status",
+        "list_pod_sandbox" => "ListPodSandbox",
+        "list_containers" => "ListContainers",
+        "status_sample" => "PodSandboxStatus/ContainerStatus",
+        other => other,
     }
 }
 
@@ -208,8 +404,13 @@ impl SourceState for RuntimeSlice {
     fn evaluate(&mut self, cx: &mut Context) {
         let now = cx.now.mono;
         let mut entered_trigger = Vec::new();
-        for tracked in &mut self.runtimes {
-            let verdict = tracked.tracker.evaluate(now, &self.thresholds);
+        let mut verdicts: Vec<Verdict> = self
+            .runtimes
+            .iter_mut()
+            .map(|t| t.tracker.evaluate(now, &self.thresholds))
+            .collect();
+        self.attribute_cri(&mut verdicts, cx.now);
+        for (tracked, verdict) in self.runtimes.iter_mut().zip(verdicts) {
             if verdict.state != tracked.verdict.state {
                 let runtime = tracked.tracker.runtime();
                 log_transition(runtime, &tracked.verdict, &verdict);
@@ -222,6 +423,15 @@ impl SourceState for RuntimeSlice {
             tracked.verdict = verdict;
         }
         self.update_metrics(now);
+        if let (Some(clocks), Some(cri)) = (
+            &mut self.kubelet,
+            self.runtimes
+                .iter()
+                .find(|t| t.tracker.runtime() == Runtime::Cri),
+        ) {
+            clocks.update(&cri.tracker, cri.verdict.state == RuntimeState::Absent, now);
+            clocks.export(&self.metrics);
+        }
         cx.board.runtimes = self
             .runtimes
             .iter()
@@ -252,6 +462,11 @@ impl SourceState for RuntimeSlice {
             let changes = cx.incidents.on_state(runtime, &seen, cx.now.wall);
             cx.incident_changes(changes);
         }
+        // After the incidents opened: the CRI chain belongs to the incident it explains.
+        for evidence in self.pending_evidence.drain(..) {
+            let changes = cx.incidents.add_evidence(evidence);
+            cx.incident_changes(changes);
+        }
     }
 
     fn section(&mut self, now: Now) -> Option<Arc<dyn Section>> {
@@ -272,6 +487,19 @@ impl SourceState for RuntimeSlice {
                         .as_secs_f64(),
                     operations: tracked.tracker.operation_status(now.mono),
                     permission_denied: tracked.tracker.permission_denied(),
+                    status_call_in_flight: tracked
+                        .sample_in_flight
+                        .as_ref()
+                        .map(|(_, s)| s.clone()),
+                    last_status_call: tracked.last_sampled.clone(),
+                    kubelet: (tracked.tracker.runtime() == Runtime::Cri)
+                        .then_some(self.kubelet)
+                        .flatten(),
+                    unknown_tasks: if tracked.tracker.runtime() == Runtime::Containerd {
+                        self.unknown_tasks.values().flatten().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();
@@ -292,6 +520,18 @@ pub struct RuntimeStatus {
     /// The last answer was "permission denied" on the socket: not checked, not a problem.
     #[serde(skip)]
     pub permission_denied: bool,
+    /// CRI: the pod or container whose status call is in flight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_call_in_flight: Option<StatusSubject>,
+    /// CRI: the pod or container the last status call asked about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status_call: Option<StatusSubject>,
+    /// CRI: how far kubelet's own thresholds are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubelet: Option<KubeletClocks>,
+    /// containerd: tasks listed UNKNOWN, with their shims.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_tasks: Vec<UnknownTask>,
 }
 
 /// `runtimes` in `/status`: one entry per runtime that is not disabled.
@@ -318,6 +558,16 @@ impl Section for RuntimesSection {
         problems
             .into_iter()
             .map(|r| format!("{} is {}: {}", r.runtime, r.state.as_str(), r.reason))
+            .chain(self.0.iter().flat_map(|r| {
+                r.unknown_tasks.iter().map(|t| {
+                    format!(
+                        "containerd task {} is UNKNOWN: its shim (pid {}, state {}) does not answer",
+                        detect::short_id(&t.container_id),
+                        t.shim_pid.map_or("?".into(), |p| p.to_string()),
+                        t.shim_state.unwrap_or('?')
+                    )
+                })
+            }))
             .collect()
     }
 
@@ -358,6 +608,29 @@ impl Section for RuntimesSection {
                     "not probed".into()
                 };
                 let _ = writeln!(out, "      {:<20} {detail}", op.operation);
+            }
+            if let Some(subject) = r.status_call_in_flight.as_ref().filter(|_| r.stalled) {
+                let _ = writeln!(out, "      status call in flight on {subject}");
+            }
+            if let Some(k) = &r.kubelet {
+                let _ = writeln!(
+                    out,
+                    "      kubelet: PLEG relist {:.0}s ago, {:.0}s left of 3m; runtime Status {:.0}s ago, {:.0}s left of 30s",
+                    k.relist_age_seconds,
+                    k.relist_seconds_left,
+                    k.status_age_seconds,
+                    k.status_seconds_left
+                );
+            }
+            for task in &r.unknown_tasks {
+                let _ = writeln!(
+                    out,
+                    "      task {} UNKNOWN: shim pid {} state {} wchan {}",
+                    detect::short_id(&task.container_id),
+                    task.shim_pid.map_or("?".into(), |p| p.to_string()),
+                    task.shim_state.unwrap_or('?'),
+                    task.shim_wchan.as_deref().unwrap_or("?")
+                );
             }
         }
     }

@@ -188,7 +188,11 @@ impl RuntimeTracker {
         }
     }
 
-    /// Age of the probe in flight of `operation`, zero when none.
+    /// When `operation` last answered successfully.
+    pub fn last_success(&self, operation: &Operation) -> Option<Instant> {
+        self.operations.get(operation).and_then(|t| t.last_success)
+    }
+
     /// The socket refused us: the last answer of some operation was "permission denied".
     pub fn permission_denied(&self) -> bool {
         self.operations.values().any(|t| {
@@ -235,9 +239,14 @@ impl RuntimeTracker {
                 _ => None,
             })
             .collect();
-        let socket_missing = failures
-            .iter()
-            .any(|(_, f)| matches!(f, ProbeFailure::Unreachable(Unreachable::SocketMissing)));
+        // A socket that does not serve the API (containerd without its CRI plugin) is as good
+        // as none.
+        let socket_missing = failures.iter().any(|(_, f)| {
+            matches!(
+                f,
+                ProbeFailure::Unreachable(Unreachable::SocketMissing | Unreachable::NotServed)
+            )
+        });
         if socket_missing && self.mode == RuntimeMode::Auto && !self.seen_up {
             return verdict(
                 RuntimeState::Absent,

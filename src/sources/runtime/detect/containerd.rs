@@ -1,7 +1,7 @@
 //! containerd probes through containerd-client (gRPC over the unix socket): `Version`, and
 //! `Tasks.List` in each configured namespace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,9 +12,12 @@ use containerd_client::services::v1::{GetContainerRequest, ListTasksRequest};
 use containerd_client::tonic::metadata::MetadataValue;
 use containerd_client::tonic::transport::{Channel, Endpoint};
 use containerd_client::tonic::{Code, Request, Status};
+use containerd_client::types::v1::Status as TaskStatus;
 use hyper_util::rt::TokioIo;
 
-use super::{ProbeAnswer, ProbeCall, RuntimeClient, classify_error, socket_present};
+use super::{
+    ProbeAnswer, ProbeCall, RuntimeClient, StatusSubject, classify_error, shims, socket_present,
+};
 use crate::config::ContainerdConfig;
 use crate::containers::{ContainerInfo, LABEL_CONTAINER_NAME};
 use crate::domain::Runtime;
@@ -32,6 +35,8 @@ pub fn operations(namespaces: &[String]) -> Vec<Operation> {
 pub struct ContainerdClient {
     socket: PathBuf,
     namespaces: Vec<String>,
+    /// Where the shims of UNKNOWN tasks are looked up.
+    proc_root: PathBuf,
     deadline: Duration,
     /// Made on first use: tonic spawns its connection task when the channel is built, which
     /// needs the async runtime. It connects lazily and reconnects by itself.
@@ -39,10 +44,15 @@ pub struct ContainerdClient {
 }
 
 impl ContainerdClient {
-    pub fn new(config: &ContainerdConfig, deadline: Duration) -> ContainerdClient {
+    pub fn new(
+        config: &ContainerdConfig,
+        proc_root: &Path,
+        deadline: Duration,
+    ) -> ContainerdClient {
         ContainerdClient {
             socket: config.socket.clone(),
             namespaces: config.namespaces.clone(),
+            proc_root: proc_root.to_path_buf(),
             deadline,
             channel: Arc::default(),
         }
@@ -107,7 +117,7 @@ fn namespaced<T>(message: T, namespace: &str) -> Result<Request<T>, ProbeFailure
     Ok(request)
 }
 
-fn failure(status: &Status) -> ProbeFailure {
+pub(super) fn failure(status: &Status) -> ProbeFailure {
     match status.code() {
         Code::DeadlineExceeded => ProbeFailure::Timeout,
         Code::Unavailable | Code::Unknown => match classify_error(status) {
@@ -129,7 +139,7 @@ impl RuntimeClient for ContainerdClient {
         operations(&self.namespaces)
     }
 
-    fn call(&self, operation: &Operation) -> ProbeCall {
+    fn call(&self, operation: &Operation, _subject: Option<&StatusSubject>) -> ProbeCall {
         let client = self.clone();
         let socket = self.socket.clone();
         let operation = operation.clone();
@@ -145,11 +155,40 @@ impl RuntimeClient for ContainerdClient {
                     .map_err(|s| failure(&s)),
                 Operation::ListTasks { namespace } => {
                     let request = namespaced(ListTasksRequest::default(), &namespace)?;
-                    TasksClient::new(channel)
+                    let tasks = TasksClient::new(channel)
                         .list(request)
                         .await
-                        .map(|_| ProbeAnswer::default())
-                        .map_err(|s| failure(&s))
+                        .map_err(|s| failure(&s))?
+                        .into_inner()
+                        .tasks;
+                    // UNKNOWN: containerd asked the task's shim for its state and got no answer.
+                    let unknown: Vec<String> = tasks
+                        .into_iter()
+                        .filter(|t| t.status == TaskStatus::Unknown as i32)
+                        // `id` is the task's, which is its container's; `container_id`
+                        // is left empty by containerd 1.6 here.
+                        .map(|t| {
+                            if t.container_id.is_empty() {
+                                t.id
+                            } else {
+                                t.container_id
+                            }
+                        })
+                        .filter(|id| !id.is_empty())
+                        .collect();
+                    let described = if unknown.is_empty() {
+                        Vec::new()
+                    } else {
+                        let proc_root = client.proc_root.clone();
+                        // The caller's deadline bounds this; an abandoned walk only reads /proc.
+                        tokio::task::spawn_blocking(move || shims::describe(&proc_root, &unknown))
+                            .await
+                            .map_err(|e| ProbeFailure::Error(format!("shim lookup failed: {e}")))?
+                    };
+                    Ok(ProbeAnswer {
+                        unknown_tasks: Some((namespace, described)),
+                        ..ProbeAnswer::default()
+                    })
                 }
                 other => Err(ProbeFailure::Error(format!(
                     "{} is not a containerd operation",

@@ -17,7 +17,7 @@ use super::{ProbeAnswer, ProbeCall, RuntimeClient, classify_error, socket_presen
 use crate::config::DockerConfig;
 use crate::containers::ContainerInfo;
 use crate::domain::Runtime;
-use crate::sources::runtime::detect::{Operation, ProbeFailure, Unreachable};
+use crate::sources::runtime::detect::{Operation, ProbeFailure, StatusSubject, Unreachable};
 
 pub const OPERATIONS: [Operation; 2] = [Operation::Ping, Operation::ListContainers];
 
@@ -160,7 +160,7 @@ impl RuntimeClient for DockerClient {
         OPERATIONS.to_vec()
     }
 
-    fn call(&self, operation: &Operation) -> ProbeCall {
+    fn call(&self, operation: &Operation, _subject: Option<&StatusSubject>) -> ProbeCall {
         let socket = self.socket.clone();
         let timeout = self.client_timeout_secs;
         let negotiated = self.negotiated.clone();
@@ -172,6 +172,7 @@ impl RuntimeClient for DockerClient {
                 Operation::ListContainers => {
                     docker.list_containers(None).await.map(|list| ProbeAnswer {
                         containers: Some(list.iter().filter_map(summary_info).collect()),
+                        ..ProbeAnswer::default()
                     })
                 }
                 other => {

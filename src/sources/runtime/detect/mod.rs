@@ -5,8 +5,10 @@
 //! age of the call in flight, long before the deadline fires.
 
 mod containerd;
+pub mod cri;
 mod docker;
 mod payload;
+mod shims;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -26,8 +28,12 @@ use crate::signal::Signal;
 use crate::sources::detector::{Detector, DetectorContext, DetectorFuture};
 
 pub use containerd::ContainerdClient;
+pub use cri::CriClient;
 pub use docker::DockerClient;
-pub use payload::{Operation, ProbeFailure, ProbeSignal, Unreachable};
+pub use payload::{
+    Operation, ProbeFailure, ProbeSignal, StatusSubject, SubjectKind, UnknownTask, Unreachable,
+    short_id,
+};
 
 /// The probe signals' address: the runtime source.
 fn probe_signal(signal: ProbeSignal) -> Signal {
@@ -39,6 +45,8 @@ fn probe_signal(signal: ProbeSignal) -> Signal {
 pub struct ProbeAnswer {
     /// Containers the call listed, for naming container ids.
     pub containers: Option<Vec<ContainerInfo>>,
+    /// containerd tasks listed as UNKNOWN (namespace, tasks with their shims).
+    pub unknown_tasks: Option<(String, Vec<UnknownTask>)>,
 }
 
 pub type ProbeCall = Pin<Box<dyn Future<Output = Result<ProbeAnswer, ProbeFailure>> + Send>>;
@@ -47,8 +55,19 @@ pub type ProbeCall = Pin<Box<dyn Future<Output = Result<ProbeAnswer, ProbeFailur
 pub trait RuntimeClient: Send + Sync + 'static {
     fn runtime(&self) -> Runtime;
     fn operations(&self) -> Vec<Operation>;
+    /// What the next call of `operation` is about (the CRI status sample's pod or
+    /// container), decided before it starts so a call that hangs is named.
+    fn subject(&self, _operation: &Operation) -> Option<StatusSubject> {
+        None
+    }
     /// One call of `operation`. The caller bounds it with the deadline and may drop it.
-    fn call(&self, operation: &Operation) -> ProbeCall;
+    fn call(&self, operation: &Operation, subject: Option<&StatusSubject>) -> ProbeCall;
+    /// How many calls of `operation` may follow one another in one interval, each started
+    /// when the one before answered (never two in flight): the CRI status sample walks its
+    /// rotation faster than one pod per interval.
+    fn calls_per_interval(&self, _operation: &Operation) -> usize {
+        1
+    }
 }
 
 /// A client for every runtime that is not disabled.
@@ -63,6 +82,13 @@ pub fn clients(config: &Config) -> Vec<Arc<dyn RuntimeClient>> {
     if config.containerd.mode != RuntimeMode::Disabled {
         all.push(Arc::new(ContainerdClient::new(
             &config.containerd,
+            &config.proc_scan.proc_root,
+            config.probes.deadline,
+        )));
+    }
+    if config.cri.mode != RuntimeMode::Disabled {
+        all.push(Arc::new(CriClient::new(
+            &config.cri,
             config.probes.deadline,
         )));
     }
@@ -89,6 +115,7 @@ pub fn operations_for(config: &Config, runtime: Runtime) -> Vec<Operation> {
     match runtime {
         Runtime::Docker => docker::OPERATIONS.to_vec(),
         Runtime::Containerd => containerd::operations(&config.containerd.namespaces),
+        Runtime::Cri => cri::OPERATIONS.to_vec(),
     }
 }
 
@@ -150,12 +177,28 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
                 break;
             }
             let signals = ctx.signals.clone();
+            let calls = client.calls_per_interval(operation).max(1);
+            let (client, operation) = (client.clone(), operation.clone());
+            let interval = ctx.config.probes.interval;
             *slot = Some(tokio::spawn(async move {
-                let (finished, containers) = finish.await;
-                if let Some(containers) = containers {
-                    signals.send(Signal::ContainersSeen(containers)).await;
+                let began = tokio::time::Instant::now();
+                let mut finish: Pin<Box<dyn Future<Output = Finished> + Send>> = Box::pin(finish);
+                for done in 1.. {
+                    let finished = finish.await;
+                    for extra in finished.extras {
+                        signals.send(extra).await;
+                    }
+                    signals.send(finished.signal).await;
+                    // The next in the chain only after an answer, and within half an interval.
+                    if !finished.answered || done >= calls || began.elapsed() > interval / 2 {
+                        break;
+                    }
+                    let (started, next) = start(client.as_ref(), &operation, deadline);
+                    if !signals.send(started).await {
+                        break;
+                    }
+                    finish = Box::pin(next);
                 }
-                signals.send(finished).await;
             }));
         }
     }
@@ -165,8 +208,15 @@ async fn schedule(client: Arc<dyn RuntimeClient>, ctx: DetectorContext) {
     }
 }
 
-/// What a finished probe call yields: its `ProbeFinished` signal and any containers it listed.
-pub type Finished = (Signal, Option<Vec<ContainerInfo>>);
+/// What a finished probe call yields.
+pub struct Finished {
+    /// Its `ProbeFinished`.
+    pub signal: Signal,
+    /// To deliver before it: containers it listed, UNKNOWN tasks it saw.
+    pub extras: Vec<Signal>,
+    /// It answered successfully.
+    pub answered: bool,
+}
 
 /// Start one call of `operation`: the `ProbeStarted` signal to deliver first, and the call,
 /// bounded by `deadline`, resolving to its `ProbeFinished`.
@@ -178,20 +228,32 @@ pub fn start(
     let id = next_probe_id();
     let started = Instant::now();
     let runtime = client.runtime();
-    let call = client.call(operation);
+    let subject = client.subject(operation);
+    let call = client.call(operation, subject.as_ref());
     let operation = operation.clone();
     let signal = probe_signal(ProbeSignal::Started {
         runtime,
         operation: operation.clone(),
         id,
         at: started,
+        subject,
     });
     let finish = async move {
-        let (result, containers) = match tokio::time::timeout(deadline, call).await {
-            Ok(Ok(answer)) => (Ok(()), answer.containers),
-            Ok(Err(failure)) => (Err(failure), None),
-            Err(_) => (Err(ProbeFailure::Timeout), None),
+        let mut extras = Vec::new();
+        let result = match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(answer)) => {
+                if let Some(containers) = answer.containers {
+                    extras.push(Signal::ContainersSeen(containers));
+                }
+                if let Some((namespace, tasks)) = answer.unknown_tasks {
+                    extras.push(probe_signal(ProbeSignal::UnknownTasks { namespace, tasks }));
+                }
+                Ok(())
+            }
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(ProbeFailure::Timeout),
         };
+        let answered = result.is_ok();
         let finished = probe_signal(ProbeSignal::Finished {
             runtime,
             operation,
@@ -200,7 +262,11 @@ pub fn start(
             finished: Instant::now(),
             result,
         });
-        (finished, containers)
+        Finished {
+            signal: finished,
+            extras,
+            answered,
+        }
     };
     (signal, finish)
 }

@@ -19,6 +19,13 @@ pub enum Operation {
     Version,
     /// containerd `Tasks.List` in one namespace.
     ListTasks { namespace: String },
+    /// CRI `Status`: kubelet's runtime health check every 5 s (down after 30 s without one).
+    Status,
+    /// CRI `ListPodSandbox`: the first half of kubelet's PLEG relist.
+    ListPodSandbox,
+    /// CRI `PodSandboxStatus`/`ContainerStatus` of the next pod or container in rotation: the
+    /// per-pod calls of a relist, one at a time, so the one whose call hangs is named.
+    StatusSample,
 }
 
 impl Operation {
@@ -29,13 +36,19 @@ impl Operation {
             Operation::ListContainers => "list_containers".into(),
             Operation::Version => "version".into(),
             Operation::ListTasks { namespace } => format!("list_tasks:{namespace}"),
+            Operation::Status => "status".into(),
+            Operation::ListPodSandbox => "list_pod_sandbox".into(),
+            Operation::StatusSample => "status_sample".into(),
         }
     }
 
     /// Liveness operations answer without touching container state; a runtime whose liveness
     /// answers while another operation is stuck is *wedged*, not *hung*.
     pub fn is_liveness(&self) -> bool {
-        matches!(self, Operation::Ping | Operation::Version)
+        matches!(
+            self,
+            Operation::Ping | Operation::Version | Operation::Status
+        )
     }
 }
 
@@ -57,6 +70,8 @@ pub enum Unreachable {
     SocketMissing,
     Refused,
     PermissionDenied,
+    /// The socket answers, but not the API asked for (containerd without its CRI plugin).
+    NotServed,
     Other(String),
 }
 
@@ -80,6 +95,9 @@ impl fmt::Display for ProbeFailure {
             ProbeFailure::Unreachable(Unreachable::PermissionDenied) => {
                 f.write_str("permission denied on socket")
             }
+            ProbeFailure::Unreachable(Unreachable::NotServed) => {
+                f.write_str("the socket does not serve this API")
+            }
             ProbeFailure::Unreachable(Unreachable::Other(e)) => write!(f, "unreachable: {e}"),
         }
     }
@@ -94,6 +112,8 @@ pub enum ProbeSignal {
         operation: Operation,
         id: u64,
         at: Instant,
+        /// The pod or container a status call is about.
+        subject: Option<StatusSubject>,
     },
     /// A probe call ended, successfully or not.
     Finished {
@@ -104,4 +124,62 @@ pub enum ProbeSignal {
         finished: Instant,
         result: Result<(), ProbeFailure>,
     },
+    /// containerd's `Tasks.List` answered with tasks whose shim did not answer its state call.
+    UnknownTasks {
+        namespace: String,
+        tasks: Vec<UnknownTask>,
+    },
+}
+
+/// What a CRI status call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectKind {
+    PodSandbox,
+    Container,
+}
+
+/// The pod or container a CRI status call asks about, named from the last CRI lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusSubject {
+    pub kind: SubjectKind,
+    /// The sandbox or container id.
+    pub id: String,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    /// The container's name in its pod (None for a sandbox).
+    pub container: Option<String>,
+}
+
+impl fmt::Display for StatusSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pod = format!(
+            "{}/{}",
+            self.namespace.as_deref().unwrap_or("?"),
+            self.pod.as_deref().unwrap_or("?")
+        );
+        match (self.kind, &self.container) {
+            (SubjectKind::Container, Some(name)) => {
+                write!(f, "container {name} ({}) of pod {pod}", short_id(&self.id))
+            }
+            (SubjectKind::Container, None) => write!(f, "container {}", short_id(&self.id)),
+            (SubjectKind::PodSandbox, _) => write!(f, "pod {pod} (sandbox {})", short_id(&self.id)),
+        }
+    }
+}
+
+/// The first 12 characters of an id, as `docker ps` and `crictl ps` show it.
+pub fn short_id(id: &str) -> &str {
+    id.char_indices().nth(12).map_or(id, |(end, _)| &id[..end])
+}
+
+/// A task containerd listed as UNKNOWN (its shim did not answer), with its shim as /proc shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnknownTask {
+    pub container_id: String,
+    /// The shim serving the task, found by its `-id` argument in /proc; None when not found.
+    pub shim_pid: Option<i32>,
+    /// The shim's state letter (`T` stopped, `D` uninterruptible, ...).
+    pub shim_state: Option<char>,
+    pub shim_wchan: Option<String>,
 }
