@@ -385,12 +385,16 @@ mod tests {
         use Runtime::{Containerd, Cri};
         use RuntimeState::{Healthy, Hung, Wedged};
         let kind = ConditionKind::RuntimeUnhealthy;
-        let wedged = opinion(kind, &snapshot(&[(Containerd, Healthy), (Cri, Wedged)]), true)
-            .expect("an opinion");
+        let wedged = opinion(
+            kind,
+            &snapshot(&[(Containerd, Healthy), (Cri, Wedged)]),
+            true,
+        )
+        .expect("an opinion");
         assert!(wedged.problem);
         assert_eq!(wedged.reason, "CRIWedged");
-        let hung = opinion(kind, &snapshot(&[(Containerd, Hung), (Cri, Hung)]), true)
-            .expect("an opinion");
+        let hung =
+            opinion(kind, &snapshot(&[(Containerd, Hung), (Cri, Hung)]), true).expect("an opinion");
         assert_eq!(hung.reason, "ContainerdHung");
     }
 }

@@ -37,7 +37,11 @@ impl Source for LifecycleSource {
     ) -> Option<Box<dyn SourceState>> {
         let metrics = LifecycleMetrics::register(registry);
         let docker_enabled = config.docker.mode != RuntimeMode::Disabled;
-        let state = state::LifecycleState::new(&config.lifecycle, docker_enabled);
+        let state = state::LifecycleState::new(
+            &config.lifecycle,
+            docker_enabled,
+            config.proc_scan.stuck_after,
+        );
         Some(Box::new(state::LifecycleSlice::new(state, metrics)))
     }
 
