@@ -197,6 +197,7 @@ impl LifecycleState {
         record: StopRecord,
         metrics: &LifecycleMetrics,
     ) -> Option<StopIncident> {
+        self.changed = true;
         self.recent = Arc::new(self.book.recent().cloned().collect());
         if record.ended_by == Ending::Died {
             metrics
@@ -1173,6 +1174,7 @@ mod tests {
             "a scan that did not read every status cannot say the kill landed"
         );
         assert_eq!(s.view().in_progress.len(), 1);
+        s.changed_view();
         let landed = kill_scan("c1", 8_000, None);
         let told = s.evaluate(wall(8_000), &metrics, None, Some(&landed));
         assert!(
@@ -1180,7 +1182,7 @@ mod tests {
             "{told:?}"
         );
         assert!(stuck_series(&metrics).is_empty());
-        let view = s.view();
+        let view = s.changed_view().expect("the end is published");
         assert!(view.in_progress.is_empty());
         assert_eq!(view.recent[0].ended_by, Ending::KillLanded);
         assert!(view.recent[0].was_stuck);
