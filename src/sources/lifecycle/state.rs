@@ -94,6 +94,8 @@ pub struct LifecycleState {
     docker_enabled: bool,
     /// A kill seen pending in /proc this long is a stuck stop (`proc_scan.stuck_after`).
     kill_stuck_after: Duration,
+    /// When the last scan followed for kills finished: each scan is followed once.
+    kills_followed: Option<SystemTime>,
     book: StopBook,
     max_series: usize,
     /// Per-container series currently exported.
@@ -119,6 +121,7 @@ impl LifecycleState {
             enabled: config.enabled,
             docker_enabled,
             kill_stuck_after,
+            kills_followed: None,
             book: StopBook::new(
                 StopSettings {
                     stop_timeout: config.stop_timeout,
@@ -316,6 +319,10 @@ impl LifecycleState {
         metrics: &LifecycleMetrics,
     ) -> Vec<StopIncident> {
         let report = &view.report;
+        if self.kills_followed == Some(report.finished_at) {
+            return Vec::new();
+        }
+        self.kills_followed = Some(report.finished_at);
         // Per container, its task with the kill pending longest.
         let mut pending: BTreeMap<&str, &KillPendingTask> = BTreeMap::new();
         for task in &report.kill_pending {
@@ -328,6 +335,15 @@ impl LifecycleState {
             }
         }
         for (id, task) in &pending {
+            // A scan from before the container's last stop ended (its `die` came after the
+            // scan) shows a kill that has landed since.
+            if self
+                .book
+                .recent()
+                .any(|r| r.container.id == *id && r.ended_at >= report.finished_at)
+            {
+                continue;
+            }
             let container = view
                 .containers
                 .get(*id)
@@ -1234,5 +1250,19 @@ mod tests {
         };
         assert_eq!(*runtime, Runtime::Docker);
         assert!(held_by.stuck_tasks.iter().any(|t| t.sigkill_pending));
+
+        s.apply(&die("c1", 3_000), &metrics);
+        let stale = kill_scan("c1", 2_900, Some(2.0));
+        s.evaluate(
+            wall(3_100),
+            &metrics,
+            Some(RuntimeState::Healthy),
+            Some(&stale),
+        );
+        assert!(
+            s.view().in_progress.is_empty(),
+            "a scan taken before the die shows a kill that has landed since"
+        );
+        assert_eq!(s.view().recent.len(), 1);
     }
 }
