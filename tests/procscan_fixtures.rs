@@ -245,6 +245,32 @@ fn v1_docker_node_attributes_docker_and_cgroupfs_kubepods() {
     assert!(report.runtime_processes.is_empty());
 }
 
+/// `status` files: the paused nginx has SIGKILL pending for its process (`ShdPnd`), a mysqld
+/// thread in D for itself (`SigPnd`), java only SIGTERM; the host's `evil` has SIGKILL pending
+/// too but is no container's (its status is never read).
+#[test]
+fn v1_docker_node_lists_container_tasks_with_sigkill_pending_frozen_or_in_d() {
+    let report = scan("v1-docker");
+    let mut killed: Vec<(i32, &str, bool)> = report
+        .kill_pending
+        .iter()
+        .map(|t| (t.tid, t.comm.as_str(), t.frozen))
+        .collect();
+    killed.sort_unstable();
+    assert_eq!(killed, [(2310, "mysqld", false), (2401, "nginx", true)]);
+    let nginx = report
+        .kill_pending
+        .iter()
+        .find(|t| t.tid == 2401)
+        .expect("nginx");
+    assert_eq!(
+        nginx.owner.container_id.as_deref(),
+        Some("e5e4e3e2e1e0d9d8d7d6d5d4d3d2d1d0c9c8c7c6c5c4c3c2c1c0b9b8b7b6b5b4")
+    );
+    assert_eq!(nginx.seconds_pending, 0.0, "first seen by this scan");
+    assert_eq!(report.kill_pending_unread, 0);
+}
+
 #[test]
 fn durations_accumulate_across_scans_of_the_same_tree() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proc/v1-docker");

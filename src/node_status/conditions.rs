@@ -223,7 +223,8 @@ fn stops_opinion(snapshot: &Snapshot) -> Option<Opinion> {
     };
     let held = first.held_by.as_ref();
     let reason = match held {
-        Some(h) if !h.stuck_tasks.is_empty() => "StopHeldByTaskInD",
+        // Frozen tasks are listed too when they hold a SIGKILL pending.
+        Some(h) if h.stuck_tasks.iter().any(|t| !t.frozen) => "StopHeldByTaskInD",
         Some(h) if h.frozen_tasks > 0 => "StopHeldByFrozenTasks",
         _ => "StopWithoutExit",
     };

@@ -150,6 +150,11 @@ impl PrivateCri {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The cgroup parent every pod is created under (`/hwc-<pid>-<n>`).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
     pub fn containerd_pid(&self) -> i32 {
         self.containerd
             .as_ref()

@@ -1,6 +1,7 @@
 //! The container-stop source: Docker's event stream followed for kills and exits, each stop
 //! timed, escalations to SIGKILL counted, stops with no exit by their deadline declared stuck
-//! with the tasks in D or frozen that hold them.
+//! with the tasks in D or frozen that hold them. On any runtime, Docker or not, a container
+//! task the /proc scan shows with SIGKILL pending is a stop too (a kill that cannot land).
 
 pub mod detect;
 mod metrics;
@@ -37,7 +38,11 @@ impl Source for LifecycleSource {
     ) -> Option<Box<dyn SourceState>> {
         let metrics = LifecycleMetrics::register(registry);
         let docker_enabled = config.docker.mode != RuntimeMode::Disabled;
-        let state = state::LifecycleState::new(&config.lifecycle, docker_enabled);
+        let state = state::LifecycleState::new(
+            &config.lifecycle,
+            docker_enabled,
+            config.proc_scan.stuck_after,
+        );
         Some(Box::new(state::LifecycleSlice::new(state, metrics)))
     }
 

@@ -23,8 +23,10 @@ use crate::metrics::ContainerLabels;
 use crate::signal::Payload;
 use crate::sources::lifecycle::detect::{ContainerEvent, LifecycleSignal};
 use crate::sources::lifecycle::stops::{
-    Applied, Ending, HeldBy, HeldTask, SIGKILL, StopBook, StopInProgress, StopRecord, StopSettings,
+    Applied, Ending, HeldBy, HeldTask, SIGKILL, SeenBy, StopBook, StopInProgress, StopRecord,
+    StopSettings,
 };
+use crate::sources::procscan::detect::KillPendingTask;
 use crate::sources::procscan::state::ProcScanView;
 use crate::sources::runtime::verdict::RuntimeState;
 use crate::sources::{Context, Now, Section, SourceState, json_of, payload_of};
@@ -72,6 +74,8 @@ pub struct StopsView {
 #[derive(Debug)]
 pub enum StopIncident {
     Stuck {
+        /// Whose incident it joins.
+        runtime: Runtime,
         container_id: String,
         evidence: Evidence,
     },
@@ -86,6 +90,12 @@ pub enum StopIncident {
 #[derive(Debug)]
 pub struct LifecycleState {
     enabled: bool,
+    /// Docker is probed: its event stream is where stops are seen first.
+    docker_enabled: bool,
+    /// A kill seen pending in /proc this long is a stuck stop (`proc_scan.stuck_after`).
+    kill_stuck_after: Duration,
+    /// When the last scan followed for kills finished: each scan is followed once.
+    kills_followed: Option<SystemTime>,
     book: StopBook,
     max_series: usize,
     /// Per-container series currently exported.
@@ -99,10 +109,19 @@ pub struct LifecycleState {
 }
 
 impl LifecycleState {
-    /// `docker_enabled`: whether Docker is probed at all (stops come from its events).
-    pub fn new(config: &LifecycleConfig, docker_enabled: bool) -> LifecycleState {
+    /// `docker_enabled`: whether Docker is probed at all (stops come from its events; without
+    /// it only the kills /proc shows pending). `kill_stuck_after`: how long a kill may stay
+    /// pending on a container task before its stop is stuck.
+    pub fn new(
+        config: &LifecycleConfig,
+        docker_enabled: bool,
+        kill_stuck_after: Duration,
+    ) -> LifecycleState {
         LifecycleState {
-            enabled: config.enabled && docker_enabled,
+            enabled: config.enabled,
+            docker_enabled,
+            kill_stuck_after,
+            kills_followed: None,
             book: StopBook::new(
                 StopSettings {
                     stop_timeout: config.stop_timeout,
@@ -181,6 +200,7 @@ impl LifecycleState {
         record: StopRecord,
         metrics: &LifecycleMetrics,
     ) -> Option<StopIncident> {
+        self.changed = true;
         self.recent = Arc::new(self.book.recent().cloned().collect());
         if record.ended_by == Ending::Died {
             metrics
@@ -232,10 +252,13 @@ impl LifecycleState {
         scan: Option<&ProcScanView>,
     ) -> Vec<StopIncident> {
         self.judge_stream(docker);
+        let mut told = Vec::new();
+        if let Some(view) = scan {
+            told.extend(self.follow_kills(view, metrics));
+        }
         let newly_stuck = self.book.evaluate(now);
         // Stops in progress age with every tick.
         self.changed |= !self.book.in_progress().is_empty();
-        let mut told = Vec::new();
         let stuck_ids: Vec<String> = self
             .book
             .in_progress()
@@ -270,6 +293,7 @@ impl LifecycleState {
                     "container stop stuck: no exit by its deadline"
                 );
                 told.push(StopIncident::Stuck {
+                    runtime: stop.runtime,
                     container_id: id.clone(),
                     evidence,
                 });
@@ -286,10 +310,97 @@ impl LifecycleState {
         told
     }
 
+    /// Stops /proc shows: a container task with SIGKILL pending begins one (unless Docker's
+    /// events did), and it ends when none of the container's tasks has the kill pending any
+    /// more. Returns the ends of stuck ones for incidents.
+    fn follow_kills(
+        &mut self,
+        view: &ProcScanView,
+        metrics: &LifecycleMetrics,
+    ) -> Vec<StopIncident> {
+        let report = &view.report;
+        if self.kills_followed == Some(report.finished_at) {
+            return Vec::new();
+        }
+        self.kills_followed = Some(report.finished_at);
+        // Per container, its task with the kill pending longest.
+        let mut pending: BTreeMap<&str, &KillPendingTask> = BTreeMap::new();
+        for task in &report.kill_pending {
+            let Some(id) = task.owner.container_id.as_deref() else {
+                continue;
+            };
+            let longest = pending.entry(id).or_insert(task);
+            if task.seconds_pending > longest.seconds_pending {
+                *longest = task;
+            }
+        }
+        for (id, task) in &pending {
+            // A scan from before the container's last stop ended (its `die` came after the
+            // scan) shows a kill that has landed since.
+            if self
+                .book
+                .recent()
+                .any(|r| r.container.id == *id && r.ended_at >= report.finished_at)
+            {
+                continue;
+            }
+            let container = view
+                .containers
+                .get(*id)
+                .cloned()
+                .unwrap_or_else(|| ContainerInfo {
+                    id: (*id).to_string(),
+                    ..ContainerInfo::default()
+                });
+            let runtime = if self.docker_enabled && task.owner.runtime == Some("docker") {
+                Runtime::Docker
+            } else {
+                Runtime::Containerd
+            };
+            let since = report
+                .finished_at
+                .checked_sub(Duration::from_secs_f64(task.seconds_pending))
+                .unwrap_or(report.finished_at);
+            if self
+                .book
+                .kill_pending(&container, runtime, since, self.kill_stuck_after)
+            {
+                self.changed = true;
+                tracing::info!(
+                    container = %label(&container),
+                    pid = task.pid,
+                    tid = task.tid,
+                    comm = %task.comm,
+                    frozen = task.frozen,
+                    "container task has SIGKILL pending: a stop seen in /proc"
+                );
+            }
+        }
+        // Only a scan that read every status it meant to can say a kill landed.
+        let errors = &report.errors;
+        if report.kill_pending_unread > 0 || errors.detail_timeouts > 0 || errors.detail_skipped > 0
+        {
+            return Vec::new();
+        }
+        let still: BTreeSet<&str> = pending.keys().copied().collect();
+        self.book
+            .kills_landed(&still, report.finished_at)
+            .into_iter()
+            .filter_map(|record| self.completed(record, metrics))
+            .collect()
+    }
+
     fn judge_stream(&mut self, docker: Option<RuntimeState>) {
         let stream = &mut self.stream;
         let (healthy, reason) = match docker {
-            Some(RuntimeState::Absent) => (true, "docker is not installed: no stops to see".into()),
+            _ if !self.docker_enabled => (
+                true,
+                "docker is not probed: stops are seen only as SIGKILL pending in /proc".into(),
+            ),
+            Some(RuntimeState::Absent) => (
+                true,
+                "docker is not installed: stops are seen only as SIGKILL pending in /proc".into(),
+            ),
             _ if !stream.connected => (
                 false,
                 match &stream.last_error {
@@ -376,11 +487,12 @@ impl LifecycleSlice {
         for item in told {
             let changes = match item {
                 StopIncident::Stuck {
+                    runtime,
                     container_id,
                     evidence,
                 } => cx
                     .incidents
-                    .stop_stuck(Runtime::Docker, &container_id, evidence, cx.now.wall),
+                    .stop_stuck(runtime, &container_id, evidence, cx.now.wall),
                 StopIncident::Updated(evidence) => cx.incidents.add_evidence(evidence),
                 StopIncident::Ended {
                     container_id,
@@ -463,10 +575,10 @@ impl Section for StopsSection {
             .map(|s| {
                 let name = s.container.name.as_deref().unwrap_or(&s.container.id);
                 let image = s.container.image.as_deref().unwrap_or("?");
-                let sigkill = if s.signals.contains(&SIGKILL) {
-                    ", SIGKILL sent"
-                } else {
-                    ""
+                let sigkill = match s.seen_by {
+                    SeenBy::ProcKillPending => ", SIGKILL pending (seen in /proc)",
+                    SeenBy::DockerEvents if s.signals.contains(&SIGKILL) => ", SIGKILL sent",
+                    SeenBy::DockerEvents => "",
                 };
                 let held = s
                     .held_by
@@ -500,23 +612,48 @@ impl Section for StopsSection {
         for stop in &stops.in_progress {
             let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
             let state = if stop.stuck { "STUCK" } else { "stopping" };
+            let signals = match stop.seen_by {
+                SeenBy::DockerEvents => format!("signals {:?}", stop.signals),
+                SeenBy::ProcKillPending => "SIGKILL pending (seen in /proc)".to_string(),
+            };
+            let held = stop
+                .held_by
+                .as_ref()
+                .and_then(HeldBy::describe)
+                .map(|h| format!(": held by {h}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {state:<9} {:>6.1}s  {name:<24} {}  signals {:?}",
+                "  {state:<9} {:>6.1}s  {name:<24} {}  {signals}{held}",
                 stop.seconds,
                 stop.container.image.as_deref().unwrap_or("?"),
-                stop.signals
             );
+            if let Some(held) = &stop.held_by {
+                for task in &held.stuck_tasks {
+                    let _ = writeln!(
+                        out,
+                        "            pid {} tid {} {} {}{}",
+                        task.pid,
+                        task.tid,
+                        task.comm,
+                        if task.frozen { "frozen" } else { "in D" },
+                        task.wchan
+                            .as_deref()
+                            .map(|w| format!(" ({w})"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
         }
         if stops.recent.is_empty() && stops.in_progress.is_empty() {
             let _ = writeln!(out, "  none");
         }
         for stop in stops.recent.iter().take(CHECK_RECENT_STOPS) {
             let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
-            let how = if stop.escalated {
-                "SIGKILL (ignored its stop signal)"
-            } else {
-                "exited on its stop signal"
+            let how = match stop.ended_by {
+                Ending::KillLanded => "SIGKILL landed (seen in /proc; exit code unknown)",
+                _ if stop.escalated => "SIGKILL (ignored its stop signal)",
+                _ => "exited on its stop signal",
             };
             let _ = writeln!(
                 out,
@@ -547,24 +684,44 @@ impl Section for StopsSection {
     }
 }
 
-/// The container's stuck and frozen tasks in the scan.
+/// The container's stuck and frozen tasks in the scan, and those with SIGKILL pending (in D
+/// or frozen) whether stuck yet or not.
 fn held_by(id: &str, view: &ProcScanView) -> HeldBy {
     let report = &view.report;
     let ours = |owner: &crate::attribution::CgroupOwner| owner.container_id.as_deref() == Some(id);
+    let killed: Vec<&KillPendingTask> = report
+        .kill_pending
+        .iter()
+        .filter(|t| ours(&t.owner))
+        .collect();
+    let is_killed = |tid: i32| killed.iter().any(|k| k.tid == tid);
+    let stuck = report
+        .stuck_tasks
+        .iter()
+        .filter(|t| ours(&t.owner))
+        .map(|t| HeldTask {
+            pid: t.pid,
+            tid: t.tid,
+            comm: t.comm.clone(),
+            wchan: t.wchan.clone(),
+            seconds_in_d: t.seconds_in_d,
+            sigkill_pending: is_killed(t.tid),
+            frozen: false,
+        });
+    let only_killed = killed
+        .iter()
+        .filter(|k| !report.stuck_tasks.iter().any(|t| t.tid == k.tid))
+        .map(|k| HeldTask {
+            pid: k.pid,
+            tid: k.tid,
+            comm: k.comm.clone(),
+            wchan: k.wchan.clone(),
+            seconds_in_d: k.seconds_in_d,
+            sigkill_pending: true,
+            frozen: k.frozen,
+        });
     HeldBy {
-        stuck_tasks: report
-            .stuck_tasks
-            .iter()
-            .filter(|t| ours(&t.owner))
-            .take(MAX_HELD_TASKS)
-            .map(|t| HeldTask {
-                pid: t.pid,
-                tid: t.tid,
-                comm: t.comm.clone(),
-                wchan: t.wchan.clone(),
-                seconds_in_d: t.seconds_in_d,
-            })
-            .collect(),
+        stuck_tasks: stuck.chain(only_killed).take(MAX_HELD_TASKS).collect(),
         frozen_tasks: report
             .frozen
             .by_container
@@ -577,7 +734,7 @@ fn held_by(id: &str, view: &ProcScanView) -> HeldBy {
 
 /// The same tasks in the same places: only their time in D grew.
 fn same_holders(a: &HeldBy, b: &HeldBy) -> bool {
-    let key = |t: &HeldTask| (t.pid, t.tid, t.wchan.clone());
+    let key = |t: &HeldTask| (t.pid, t.tid, t.wchan.clone(), t.sigkill_pending);
     a.frozen_tasks == b.frozen_tasks
         && a.stuck_tasks.len() == b.stuck_tasks.len()
         && a.stuck_tasks
@@ -643,6 +800,7 @@ mod tests {
                 max_stuck_series,
             },
             true,
+            Duration::from_secs(5),
         )
     }
 
@@ -685,6 +843,8 @@ mod tests {
                     }],
                 },
                 runtime_processes: Vec::new(),
+                kill_pending: Vec::new(),
+                kill_pending_unread: 0,
                 errors: ScanErrors::default(),
             },
             containers: BTreeMap::new(),
@@ -744,6 +904,7 @@ mod tests {
             StopIncident::Stuck {
                 container_id,
                 evidence,
+                ..
             },
         ] = told.as_slice()
         else {
@@ -918,5 +1079,190 @@ mod tests {
                 .encode()
                 .contains("hangwatch_lifecycle_events_stream_reconnects_total 1")
         );
+    }
+
+    /// A scan at `at_ms` in which container `id` (named by CRI, no Docker) has one frozen task
+    /// with SIGKILL pending for `pending_s` seconds; `None`: no kill pending any more.
+    fn kill_scan(id: &str, at_ms: i64, pending_s: Option<f64>) -> ProcScanView {
+        let mut view = scan(id, "io_schedule");
+        view.report.stuck_tasks.clear();
+        view.report.finished_at = wall(at_ms);
+        view.report.kill_pending = pending_s
+            .map(|seconds_pending| KillPendingTask {
+                pid: 70,
+                tid: 71,
+                comm: "sleep".into(),
+                frozen: true,
+                wchan: Some("__refrigerator".into()),
+                seconds_pending,
+                seconds_in_d: seconds_pending + 3.0,
+                owner: CgroupOwner {
+                    runtime: Some("containerd"),
+                    ..owner(id)
+                },
+            })
+            .into_iter()
+            .collect();
+        view.containers.insert(
+            id.into(),
+            ContainerInfo {
+                id: id.into(),
+                name: Some("app".into()),
+                pod: Some("web-0".into()),
+                namespace: Some("shop".into()),
+                ..ContainerInfo::default()
+            },
+        );
+        view
+    }
+
+    #[test]
+    fn a_kill_pending_in_proc_is_a_stop_stuck_past_the_threshold_without_docker() {
+        let metrics = Metrics::new(None);
+        let mut s = LifecycleState::new(
+            &LifecycleConfig {
+                enabled: true,
+                stop_timeout: Duration::from_secs(10),
+                stop_grace: Duration::from_secs(30),
+                recent_stops: 10,
+                max_stuck_series: 10,
+            },
+            false,
+            Duration::from_secs(5),
+        );
+        let first = kill_scan("c1", 1_000, Some(0.0));
+        assert!(
+            s.evaluate(wall(1_000), &metrics, None, Some(&first))
+                .is_empty()
+        );
+        let view = s.view();
+        assert!(view.enabled && view.events_stream.healthy, "{view:?}");
+        let [stop] = view.in_progress.as_slice() else {
+            panic!("one stop in progress: {view:?}");
+        };
+        assert_eq!(stop.seen_by, SeenBy::ProcKillPending);
+        assert!(!stop.stuck);
+        let later = kill_scan("c1", 5_500, Some(4.5));
+        assert!(
+            s.evaluate(wall(5_999), &metrics, None, Some(&later))
+                .is_empty()
+        );
+        let told = s.evaluate(wall(6_000), &metrics, None, Some(&later));
+        let [
+            StopIncident::Stuck {
+                runtime: Runtime::Containerd,
+                evidence:
+                    Evidence::StuckStop {
+                        held_by, container, ..
+                    },
+                ..
+            },
+        ] = told.as_slice()
+        else {
+            panic!("expected a stuck stop for containerd's incident: {told:?}");
+        };
+        assert_eq!(container.as_deref(), Some("app"));
+        let [task] = held_by.stuck_tasks.as_slice() else {
+            panic!("{held_by:?}");
+        };
+        assert!(task.sigkill_pending && task.frozen && task.tid == 71);
+        assert_eq!(
+            held_by.describe().as_deref(),
+            Some("2 frozen task(s), SIGKILL pending on 1 (cannot be killed)")
+        );
+        let series = stuck_series(&metrics);
+        assert!(
+            series.len() == 1 && series[0].contains("pod=\"web-0\""),
+            "{series:?}"
+        );
+        let problems = StopsSection(Arc::new(s.view())).problems(wall(6_000));
+        assert!(
+            problems[0].starts_with("stop of container app (image ?) stuck for 5s, SIGKILL pending (seen in /proc): held by"),
+            "{problems:?}"
+        );
+
+        let mut unread = kill_scan("c1", 7_000, None);
+        unread.report.kill_pending_unread = 1;
+        assert!(
+            !s.evaluate(wall(7_000), &metrics, None, Some(&unread))
+                .iter()
+                .any(|t| matches!(t, StopIncident::Ended { .. })),
+            "a scan that did not read every status cannot say the kill landed"
+        );
+        assert_eq!(s.view().in_progress.len(), 1);
+        s.changed_view();
+        let landed = kill_scan("c1", 8_000, None);
+        let told = s.evaluate(wall(8_000), &metrics, None, Some(&landed));
+        assert!(
+            matches!(told.as_slice(), [StopIncident::Ended { container_id, .. }] if container_id == "c1"),
+            "{told:?}"
+        );
+        assert!(stuck_series(&metrics).is_empty());
+        let view = s.changed_view().expect("the end is published");
+        assert!(view.in_progress.is_empty());
+        assert_eq!(view.recent[0].ended_by, Ending::KillLanded);
+        assert!(view.recent[0].was_stuck);
+        assert_eq!(view.recent[0].exit_code, None);
+    }
+
+    #[test]
+    fn a_kill_docker_reported_is_not_counted_twice_and_ends_only_at_its_die() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.apply(&kill("c1", 0, 9), &metrics);
+        let seen = kill_scan("c1", 1_000, Some(0.5));
+        s.evaluate(
+            wall(1_000),
+            &metrics,
+            Some(RuntimeState::Healthy),
+            Some(&seen),
+        );
+        let view = s.view();
+        assert_eq!(view.in_progress.len(), 1);
+        assert_eq!(view.in_progress[0].seen_by, SeenBy::DockerEvents);
+        let gone = kill_scan("c1", 1_500, None);
+        s.evaluate(
+            wall(1_500),
+            &metrics,
+            Some(RuntimeState::Healthy),
+            Some(&gone),
+        );
+        assert_eq!(
+            s.view().in_progress.len(),
+            1,
+            "Docker's stop ends at its die"
+        );
+        let told = s.evaluate(
+            wall(2_500),
+            &metrics,
+            Some(RuntimeState::Healthy),
+            Some(&seen),
+        );
+        let [
+            StopIncident::Stuck {
+                runtime,
+                evidence: Evidence::StuckStop { held_by, .. },
+                ..
+            },
+        ] = told.as_slice()
+        else {
+            panic!("{told:?}");
+        };
+        assert_eq!(*runtime, Runtime::Docker);
+        assert!(held_by.stuck_tasks.iter().any(|t| t.sigkill_pending));
+
+        s.apply(&die("c1", 3_000), &metrics);
+        let stale = kill_scan("c1", 2_900, Some(2.0));
+        s.evaluate(
+            wall(3_100),
+            &metrics,
+            Some(RuntimeState::Healthy),
+            Some(&stale),
+        );
+        assert!(
+            s.view().in_progress.is_empty(),
+            "a scan taken before the die shows a kill that has landed since"
+        );
+        assert_eq!(s.view().recent.len(), 1);
     }
 }

@@ -7,12 +7,13 @@
 //! arrive late (a resumed stream) is timed from when it happened, and deadlines pass while the
 //! stream is silent.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::containers::ContainerInfo;
+use crate::domain::Runtime;
 use crate::engine::serialize_time;
 use crate::sources::lifecycle::detect::{ContainerAction, ContainerEvent};
 
@@ -43,15 +44,13 @@ pub struct HeldBy {
 }
 
 impl HeldBy {
-    /// "2 task(s) in D (io_schedule) and 1 frozen task(s)"; None when nothing was seen.
+    /// "2 task(s) in D (io_schedule) and 1 frozen task(s), SIGKILL pending on 3"; None when
+    /// nothing was seen.
     pub fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();
-        if !self.stuck_tasks.is_empty() {
-            let mut wchans: Vec<&str> = self
-                .stuck_tasks
-                .iter()
-                .filter_map(|t| t.wchan.as_deref())
-                .collect();
+        let in_d: Vec<&HeldTask> = self.stuck_tasks.iter().filter(|t| !t.frozen).collect();
+        if !in_d.is_empty() {
+            let mut wchans: Vec<&str> = in_d.iter().filter_map(|t| t.wchan.as_deref()).collect();
             wchans.sort_unstable();
             wchans.dedup();
             let wchans = if wchans.is_empty() {
@@ -59,12 +58,22 @@ impl HeldBy {
             } else {
                 format!(" ({})", wchans.join(", "))
             };
-            parts.push(format!("{} task(s) in D{wchans}", self.stuck_tasks.len()));
+            parts.push(format!("{} task(s) in D{wchans}", in_d.len()));
         }
         if self.frozen_tasks > 0 {
             parts.push(format!("{} frozen task(s)", self.frozen_tasks));
         }
-        (!parts.is_empty()).then(|| parts.join(" and "))
+        let killed = self
+            .stuck_tasks
+            .iter()
+            .filter(|t| t.sigkill_pending)
+            .count();
+        let killed = if killed > 0 {
+            format!(", SIGKILL pending on {killed} (cannot be killed)")
+        } else {
+            String::new()
+        };
+        (!parts.is_empty()).then(|| parts.join(" and ") + &killed)
     }
 }
 
@@ -75,11 +84,33 @@ pub struct HeldTask {
     pub comm: String,
     pub wchan: Option<String>,
     pub seconds_in_d: f64,
+    /// SIGKILL is pending on it: the kill cannot land while it is in D or frozen.
+    #[serde(default)]
+    pub sigkill_pending: bool,
+    /// In a frozen cgroup (a task held only for its pending SIGKILL).
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+/// How hangwatch learnt of a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeenBy {
+    /// Docker's event stream: every signal, the timeout, the exit code.
+    DockerEvents,
+    /// /proc alone (any runtime, no Docker needed): a container task with SIGKILL pending.
+    /// Neither the signals sent before it, nor the stop's timeout, nor the exit code are
+    /// known; it starts when the scanner first saw the kill pending.
+    ProcKillPending,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StopInProgress {
     pub container: ContainerInfo,
+    pub seen_by: SeenBy,
+    /// Whose incident a stuck one joins.
+    #[serde(skip)]
+    pub runtime: Runtime,
     /// The first kill.
     #[serde(serialize_with = "serialize_time")]
     pub started_at: SystemTime,
@@ -118,12 +149,16 @@ pub enum Ending {
     Died,
     /// Removed without a `die` seen.
     Removed,
+    /// Seen by /proc only: no task of the container has SIGKILL pending any more (the kill
+    /// landed). The exit code is not known.
+    KillLanded,
 }
 
 /// A stop that finished.
 #[derive(Debug, Clone, Serialize)]
 pub struct StopRecord {
     pub container: ContainerInfo,
+    pub seen_by: SeenBy,
     #[serde(serialize_with = "serialize_time")]
     pub started_at: SystemTime,
     #[serde(serialize_with = "serialize_time")]
@@ -212,6 +247,8 @@ impl StopBook {
         }
         let mut stop = StopInProgress {
             container: event.container.clone(),
+            seen_by: SeenBy::DockerEvents,
+            runtime: Runtime::Docker,
             started_at: at,
             signals: vec![signal],
             escalated: false,
@@ -255,6 +292,7 @@ impl StopBook {
                 .unwrap_or_default()
                 .as_secs_f64(),
             container: stop.container,
+            seen_by: stop.seen_by,
             started_at: stop.started_at,
             ended_at: at,
             signals: stop.signals,
@@ -269,6 +307,60 @@ impl StopBook {
             self.recent.pop_front();
         }
         Applied::Completed(Box::new(record))
+    }
+
+    /// A container task has had SIGKILL pending since `since` (from /proc, whatever runtime
+    /// sent it). Begins a stop unless one is in progress (Docker's events saw it first); it is
+    /// stuck once the kill stays pending `stuck_after`. True when a stop began.
+    pub fn kill_pending(
+        &mut self,
+        container: &ContainerInfo,
+        runtime: Runtime,
+        since: SystemTime,
+        stuck_after: Duration,
+    ) -> bool {
+        if self.in_progress.contains_key(&container.id) {
+            return false;
+        }
+        if self.in_progress.len() >= MAX_IN_PROGRESS {
+            self.drop_oldest();
+        }
+        let stop = StopInProgress {
+            container: container.clone(),
+            seen_by: SeenBy::ProcKillPending,
+            runtime,
+            started_at: since,
+            signals: vec![SIGKILL],
+            escalated: false,
+            sigkill_at: Some(since),
+            stop_timeout: Duration::ZERO,
+            deadline: since + stuck_after,
+            seconds: 0.0,
+            stuck: false,
+            held_by: None,
+        };
+        self.in_progress.insert(container.id.clone(), stop);
+        true
+    }
+
+    /// End at `at` the stops seen by /proc whose containers no longer have a task with
+    /// SIGKILL pending (`pending` holds those that still do).
+    pub fn kills_landed(&mut self, pending: &BTreeSet<&str>, at: SystemTime) -> Vec<StopRecord> {
+        let landed: Vec<String> = self
+            .in_progress
+            .iter()
+            .filter(|(id, s)| {
+                s.seen_by == SeenBy::ProcKillPending && !pending.contains(id.as_str())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        landed
+            .iter()
+            .filter_map(|id| match self.end(id, at, None, Ending::KillLanded) {
+                Applied::Completed(record) => Some(*record),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Age every stop at `now`; returns the ids of stops that became stuck.
@@ -491,6 +583,8 @@ pub(crate) mod tests {
             comm: "app".into(),
             wchan: wchan.map(str::to_string),
             seconds_in_d: 40.0,
+            sigkill_pending: false,
+            frozen: false,
         };
         let held = HeldBy {
             stuck_tasks: vec![

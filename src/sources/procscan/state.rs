@@ -179,6 +179,7 @@ impl ProcScanState {
             .chain(report.containers.iter().map(|c| &c.owner))
             .chain(report.frozen.by_container.iter().map(|c| &c.owner))
             .chain(report.runtime_processes.iter().map(|p| &p.owner))
+            .chain(report.kill_pending.iter().map(|t| &t.owner))
             .filter_map(|o| o.container_id.as_deref());
         for id in ids {
             note(id);

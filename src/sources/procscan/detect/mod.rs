@@ -14,6 +14,7 @@ mod detector;
 mod files;
 mod report;
 mod runtime;
+mod signals;
 mod stat;
 mod tracker;
 mod waits;
@@ -36,8 +37,9 @@ use walk::{WalkCounts, Walker};
 
 pub use detector::{ProcScanDetector, detector};
 pub use report::{
-    BlockedOpen, ContainerDState, Direction, ExecFifo, FrozenContainer, FrozenTasks, RuntimeKind,
-    ScanErrors, ScanReport, Scope, ScopeCounts, StuckRuntimeProcess, StuckTask, ThreadEvidence,
+    BlockedOpen, ContainerDState, Direction, ExecFifo, FrozenContainer, FrozenTasks,
+    KillPendingTask, RuntimeKind, ScanErrors, ScanReport, Scope, ScopeCounts, StuckRuntimeProcess,
+    StuckTask, ThreadEvidence,
 };
 pub use stat::{TaskStat, parse_stat};
 pub use waits::{
@@ -47,6 +49,10 @@ pub use waits::{
 /// Reader threads that may stay blocked in a read that missed its deadline; also the number
 /// of timeouts after which a scan stops attempting detail reads.
 const MAX_ABANDONED_READERS: usize = 4;
+
+/// Container D tasks whose `status` is read per scan for a pending SIGKILL: a paused
+/// container with thousands of tasks costs no more than this.
+const MAX_KILL_PENDING_READS: usize = 256;
 
 /// A task the walk saw in D.
 #[derive(Debug, Clone, Copy)]
@@ -237,19 +243,52 @@ fn classify_d_tasks(
         }
         let cgroup = tracked.cached.as_ref();
         let layout = layout.get_or_insert_with(|| CgroupLayout::probe(&config.cgroup_root));
-        if cgroup.is_some_and(|c| details.frozen(c, layout, frozen_cache)) {
-            found.frozen(cgroup.map(|c| &c.owner));
+        let frozen = cgroup.is_some_and(|c| details.frozen(c, layout, frozen_cache));
+        let owner = cgroup.map(|c| c.owner.clone()).unwrap_or_default();
+        // Read once and only for the tasks that hold a kill: the stuck path reuses it.
+        let mut wchan = None;
+        if owner.is_container() && found.status_reads >= MAX_KILL_PENDING_READS {
+            found.status_unread += 1;
+        } else if owner.is_container() {
+            found.status_reads += 1;
+            let status = details.text(task_file(&config.proc_root, task, "status"));
+            match status.as_deref().and_then(signals::sigkill_pending) {
+                Some(true) => {
+                    let since = *tracked.sigkill_since.get_or_insert(now);
+                    let read = details
+                        .text(task_file(&config.proc_root, task, "wchan"))
+                        .and_then(wchan_name);
+                    found.kill_pending.push(KillPendingTask {
+                        pid: task.pid,
+                        tid: task.tid,
+                        comm: task.comm.to_string(),
+                        frozen,
+                        wchan: read.clone(),
+                        seconds_pending: now.saturating_duration_since(since).as_secs_f64(),
+                        seconds_in_d: in_d.as_secs_f64(),
+                        owner: owner.clone(),
+                    });
+                    wchan = Some(read);
+                }
+                Some(false) => tracked.sigkill_since = None,
+                // Unreadable this time: its clock keeps running.
+                None => {}
+            }
+        }
+        if frozen {
+            found.frozen(Some(&owner));
             continue;
         }
-        let owner = cgroup.map(|c| c.owner.clone()).unwrap_or_default();
         let scope = scope_of(task.comm.as_bytes(), &owner);
         if in_d < config.stuck_after {
             found.not_stuck(scope, &owner, in_d);
             continue;
         }
-        let wchan = details
-            .text(task_file(&config.proc_root, task, "wchan"))
-            .and_then(wchan_name);
+        let wchan = wchan.unwrap_or_else(|| {
+            details
+                .text(task_file(&config.proc_root, task, "wchan"))
+                .and_then(wchan_name)
+        });
         let (kernel_stack, stack_omitted) =
             match details.text_or_reason(task_file(&config.proc_root, task, "stack")) {
                 Ok(text) => (Some(parse_kernel_stack(&text)), None),
@@ -592,6 +631,10 @@ struct Found {
     containers: BTreeMap<String, ContainerDState>,
     frozen: FrozenTasks,
     frozen_by_container: BTreeMap<String, FrozenContainer>,
+    kill_pending: Vec<KillPendingTask>,
+    /// `status` files read this scan, against `MAX_KILL_PENDING_READS`.
+    status_reads: usize,
+    status_unread: u64,
 }
 
 impl Found {
@@ -665,6 +708,8 @@ impl Found {
                 .collect(),
             frozen: self.frozen,
             runtime_processes,
+            kill_pending: self.kill_pending,
+            kill_pending_unread: self.status_unread,
             errors,
         }
     }

@@ -57,6 +57,23 @@ pub struct StuckTask {
     pub wait: Option<WaitChain>,
 }
 
+/// A container task in D or frozen with SIGKILL pending: a kill that cannot land. Read from
+/// `status` for the container's D tasks only, never in the hot walk.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KillPendingTask {
+    pub pid: i32,
+    pub tid: i32,
+    pub comm: String,
+    /// In a frozen cgroup (else in D).
+    pub frozen: bool,
+    /// Kernel function it sleeps in; None when unreadable.
+    pub wchan: Option<String>,
+    /// Since the first scan that saw SIGKILL pending on it.
+    pub seconds_pending: f64,
+    pub seconds_in_d: f64,
+    pub owner: CgroupOwner,
+}
+
 /// D tasks of one container that has at least one stuck task.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContainerDState {
@@ -206,6 +223,12 @@ pub struct ScanReport {
     pub frozen: FrozenTasks,
     /// `hangwatch_stuck_runtime_processes{kind}`.
     pub runtime_processes: Vec<StuckRuntimeProcess>,
+    /// Container tasks in D or frozen with SIGKILL pending, at most `MAX_KILL_PENDING_READS`
+    /// read per scan.
+    pub kill_pending: Vec<KillPendingTask>,
+    /// Container D tasks whose `status` was not read this scan (beyond the per-scan bound):
+    /// while some are, a kill no longer seen pending may still be.
+    pub kill_pending_unread: u64,
     pub errors: ScanErrors,
 }
 

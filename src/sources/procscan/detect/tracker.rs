@@ -20,6 +20,8 @@ pub struct Tracked<T> {
     pub d_since: Instant,
     /// Facts about the task that do not change while it lives, read once.
     pub cached: Option<T>,
+    /// The first scan that saw SIGKILL pending on it (of the current uninterrupted run).
+    pub sigkill_since: Option<Instant>,
     last_scan: u64,
 }
 
@@ -49,6 +51,7 @@ impl<T> DStateTracker<T> {
         let tracked = self.tasks.entry(key).or_insert_with(|| Tracked {
             d_since: now,
             cached: None,
+            sigkill_since: None,
             last_scan: scan,
         });
         tracked.last_scan = scan;
