@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(protobuf-compiler)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(docker.io busybox-static gcc libc6-dev prometheus prometheus-alertmanager iproute2 psmisc)
+  packages+=(docker.io busybox-static gcc libc6-dev prometheus prometheus-alertmanager iproute2 psmisc openssl)
 fi
 
 missing=()

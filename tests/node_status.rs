@@ -563,3 +563,65 @@ fn a_stuck_stop_sets_container_stop_stuck_and_an_event_on_its_pod() {
     );
     drop(hw);
 }
+
+/// hangwatch with no runtime to probe, publishing to `api` through `kubeconfig`.
+fn without_runtimes(dir: &TempDir, kubeconfig: &str) -> String {
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    format!(
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+         cri:\n  mode: disabled\nnode_name: {NODE}\nnode_status:\n  enabled: true\n  \
+         kubeconfig: {}\n  request_timeout: 1s\n  retry_interval: 200ms\n",
+        dir.path().display(),
+        path.display()
+    )
+}
+
+/// A real API server speaks only HTTPS. With the cluster's CA the publisher writes its
+/// conditions over TLS; with a CA that did not sign the server's certificate it writes
+/// nothing and counts the failed calls.
+#[test]
+fn over_tls_conditions_are_written_with_the_clusters_ca_and_never_without_it() {
+    let api = FakeApiServer::start_tls(&[NODE]);
+    assert!(api.url().starts_with("https://"), "{}", api.url());
+
+    let stranger = FakeApiServer::start_tls(&[]);
+    let stranger_ca = stranger.ca_path().expect("a CA");
+    let wrong = api.kubeconfig().replace(
+        &api.ca_path().expect("a CA").display().to_string(),
+        &stranger_ca.display().to_string(),
+    );
+    let dir = TempDir::new("ns-tls-wrong");
+    let untrusting = Hangwatch::start(&without_runtimes(&dir, &wrong), dir.path());
+    wait_for(
+        "calls refused for the unknown certificate",
+        Duration::from_secs(20),
+        || {
+            untrusting
+                .metric(
+                    "hangwatch_kube_api_requests_total",
+                    &[("result", "unreachable")],
+                )
+                .filter(|n| *n >= 2.0)
+        },
+    );
+    assert!(
+        status_patches(&api).is_empty() && api.requests().is_empty(),
+        "no request gets past a certificate the client does not trust"
+    );
+    drop(untrusting);
+
+    let dir = TempDir::new("ns-tls");
+    let hw = Hangwatch::start(&without_runtimes(&dir, &api.kubeconfig()), dir.path());
+    let (healthy, _) = wait_for(
+        "the condition written over TLS",
+        Duration::from_secs(20),
+        || condition_is(&api, "False"),
+    );
+    assert_eq!(healthy["reason"], "ContainerRuntimeHealthy", "{healthy}");
+    assert!(
+        hw.metric("hangwatch_kube_api_requests_total", &[("result", "ok")])
+            .is_some_and(|n| n >= 2.0),
+        "the read-back and the patch went through"
+    );
+}

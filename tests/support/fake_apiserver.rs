@@ -15,6 +15,8 @@
 //! real decoder answers). Errors are real `Status` objects; every request is recorded. Modes:
 //! every request hangs (`hang`) or answers 500 (`fail`). Server-side apply is not
 //! implemented: nothing here sends it, and the fake answers it 415 rather than pretend.
+//! `start_tls` serves the same behind TLS, as a real API server always is, with a
+//! certificate for 127.0.0.1 from a throwaway CA (made with the `openssl` command).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -60,6 +62,107 @@ pub struct FakeApiServer {
     shared: Shared,
     pub addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    tls: Option<Tls>,
+}
+
+/// The throwaway CA and the server's certificate, in a directory of their own.
+struct Tls {
+    dir: super::hangwatch::TempDir,
+}
+
+impl Tls {
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA and a certificate it signs for 127.0.0.1 (an IP SAN, as the API server's
+    /// certificate has for the service IP kubelet and pods reach it at).
+    fn make() -> Tls {
+        let dir = super::hangwatch::TempDir::new("api-tls");
+        let d = dir.path();
+        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=fake-apiserver-ca",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+            ],
+        ];
+        for args in steps {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl (Debian package openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Tls { dir }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(self.dir.path().join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates");
+        let key = PrivateKeyDer::from_pem_file(self.dir.path().join("server.key")).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 fn node_json(name: &str, resource_version: u64) -> Value {
@@ -205,6 +308,20 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
 impl FakeApiServer {
     /// Serve `nodes` on a loopback port, from a runtime of its own.
     pub fn start(nodes: &[&str]) -> FakeApiServer {
+        Self::serve(nodes, None)
+    }
+
+    /// The same over HTTPS: `kubeconfig()` names the CA that signed the server's certificate.
+    pub fn start_tls(nodes: &[&str]) -> FakeApiServer {
+        Self::serve(nodes, Some(Tls::make()))
+    }
+
+    /// The CA of a TLS server.
+    pub fn ca_path(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(Tls::ca)
+    }
+
+    fn serve(nodes: &[&str], tls: Option<Tls>) -> FakeApiServer {
         let shared = Shared {
             cluster: Arc::default(),
             resource_version: Arc::new(AtomicU64::new(1000)),
@@ -246,24 +363,37 @@ impl FakeApiServer {
                 get(read_event).patch(patch_event),
             )
             .with_state(shared.clone());
-        runtime.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        match tls.as_ref().map(Tls::acceptor) {
+            None => {
+                runtime.spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+            }
+            Some(acceptor) => {
+                runtime.spawn(serve_tls(listener, acceptor, app));
+            }
+        }
         FakeApiServer {
             shared,
             addr,
             runtime: Some(runtime),
+            tls,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// A kubeconfig for this server (plain HTTP, no credentials).
+    /// A kubeconfig for this server (no credentials; the CA when it speaks TLS).
     pub fn kubeconfig(&self) -> String {
+        let ca = self
+            .ca_path()
+            .map(|ca| format!("    certificate-authority: {}\n", ca.display()))
+            .unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n{ca}\
              users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
              current-context: fake\n",
             self.url()
@@ -345,6 +475,31 @@ impl Drop for FakeApiServer {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// Each connection: the TLS handshake, then HTTP/1 into the same router. A failed handshake
+/// (a client that does not trust the CA) closes that connection only.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+) {
+    use tower::ServiceExt;
+    while let Ok((tcp, _)) = listener.accept().await {
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| app.clone().oneshot(request),
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 
