@@ -162,7 +162,7 @@ fn busy_loops() -> Vec<KilledOnDrop> {
 
 fn start_daemon(dir: &TempDir) -> Hangwatch {
     let config = format!(
-        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\nkernel_log:\n  accept_non_kernel: true\n",
+        "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\nkernel_log:\n  accept_non_kernel: true\n",
         dir.path().display()
     );
     // The default log level: the support module starts the daemon at debug.

@@ -138,6 +138,7 @@ fn quiet_config(dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.docker.mode = RuntimeMode::Disabled;
     config.containerd.mode = RuntimeMode::Disabled;
+    config.cri.mode = RuntimeMode::Disabled;
     config.kernel_log.enabled = false;
     config.proc_scan.enabled = false;
     config.lifecycle.enabled = false;

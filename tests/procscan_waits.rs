@@ -357,7 +357,7 @@ fn a_lock_held_by_a_task_waiting_on_the_stopped_daemon() {
     std::fs::create_dir_all(&state).unwrap();
     let hw = Hangwatch::start(
         &format!(
-            "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\n\
+            "state_dir: {}\ndocker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\n\
              lifecycle:\n  enabled: false\nkernel_log:\n  source: kmsg\n\
              proc_scan:\n  interval: 250ms\n  stuck_after: 0s\n",
             state.display()
@@ -491,7 +491,7 @@ fn check_report(dir: &Path) -> String {
     let config = dir.join("check.yaml");
     std::fs::write(
         &config,
-        "docker:\n  mode: disabled\ncontainerd:\n  mode: disabled\nlifecycle:\n  enabled: false\n",
+        "docker:\n  mode: disabled\ncontainerd:\n  mode: disabled\ncri:\n  mode: disabled\nlifecycle:\n  enabled: false\n",
     )
     .unwrap();
     let out = Command::new("timeout")
