@@ -274,14 +274,23 @@ fn a_pidfile_naming_another_process_is_never_signalled() {
         sleeper.try_wait().expect("try_wait").is_none(),
         "sleep was signalled"
     );
-    let incident = &hw.list("/incidents")[0];
-    let detail = dump_entries(incident, "dockerd")[0]["detail"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    // The incident's listing follows at the next evaluation (updates are coalesced).
+    let (detail, _) = wait_for(
+        "the refusal in the incident",
+        Duration::from_secs(5),
+        || {
+            let incident = hw.list("/incidents").into_iter().next()?;
+            let detail = dump_entries(&incident, "dockerd")
+                .first()?
+                .get("detail")?
+                .as_str()?
+                .to_string();
+            Some(detail)
+        },
+    );
     assert!(
         detail.contains("not dockerd") && detail.contains("refusing"),
-        "{detail}: {incident}\n{}",
+        "{detail}\n{}",
         hw.logs()
     );
     let _ = sleeper.kill();
