@@ -214,6 +214,11 @@ fn node_json(name: &str, resource_version: u64) -> Value {
 }
 
 fn status(code: StatusCode, reason: &str, message: String, name: &str) -> Response {
+    failure(code, reason, message, name, "nodes")
+}
+
+/// A real `Status` failure object about the `kind` object `name`.
+fn failure(code: StatusCode, reason: &str, message: String, name: &str, kind: &str) -> Response {
     let body = json!({
         "kind": "Status",
         "apiVersion": "v1",
@@ -221,7 +226,7 @@ fn status(code: StatusCode, reason: &str, message: String, name: &str) -> Respon
         "status": "Failure",
         "message": message,
         "reason": reason,
-        "details": {"name": name, "kind": "nodes"},
+        "details": {"name": name, "kind": kind},
         "code": code.as_u16(),
     });
     (
@@ -898,22 +903,7 @@ async fn patch_node(
 }
 
 fn event_status(code: StatusCode, reason: &str, message: String, name: &str) -> Response {
-    let body = json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "details": {"name": name, "kind": "events"},
-        "code": code.as_u16(),
-    });
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    failure(code, reason, message, name, "events")
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response {
