@@ -64,6 +64,11 @@ fn metric(hw: &Hangwatch, name: &str) -> f64 {
     hw.metric(name, &[]).unwrap_or(0.0)
 }
 
+/// A family of the event streams' metrics, Docker's series.
+fn docker_stream_metric(hw: &Hangwatch, name: &str) -> f64 {
+    hw.metric(name, &[("runtime", "docker")]).unwrap_or(0.0)
+}
+
 fn stops_counted(hw: &Hangwatch) -> f64 {
     metric(hw, "hangwatch_container_stop_duration_seconds_count")
 }
@@ -445,8 +450,8 @@ fn a_stalled_dockerd_makes_its_silence_untrusted_and_the_stop_it_began_goes_stuc
 /// Wait until the event stream has been opened again `times` times.
 fn wait_reconnected(hw: &Hangwatch, times: f64) {
     wait_for("the event stream back", Duration::from_secs(60), || {
-        (metric(hw, "hangwatch_lifecycle_events_stream_reconnects_total") >= times
-            && metric(hw, "hangwatch_lifecycle_events_stream_up") == 1.0)
+        (docker_stream_metric(hw, "hangwatch_lifecycle_events_stream_reconnects_total") >= times
+            && docker_stream_metric(hw, "hangwatch_lifecycle_events_stream_up") == 1.0)
             .then_some(())
     });
 }
@@ -469,9 +474,12 @@ fn remove_and_count(daemons: &PrivateDaemons, hw: &Hangwatch, name: &str, events
     wait_for(
         &format!("{events} events applied"),
         Duration::from_secs(15),
-        || (metric(hw, "hangwatch_lifecycle_events_total") >= events).then_some(()),
+        || (docker_stream_metric(hw, "hangwatch_lifecycle_events_total") >= events).then_some(()),
     );
-    assert_eq!(metric(hw, "hangwatch_lifecycle_events_total"), events);
+    assert_eq!(
+        docker_stream_metric(hw, "hangwatch_lifecycle_events_total"),
+        events
+    );
 }
 
 fn recent_names(hw: &Hangwatch) -> Vec<String> {
@@ -502,7 +510,7 @@ fn dockerd_restart_reconnects_without_double_counting() {
     assert_eq!(stops_counted(&hw), 2.0);
     assert_eq!(recent_names(&hw), ["after", "before"]);
     assert_eq!(
-        metric(&hw, "hangwatch_lifecycle_events_malformed_total"),
+        docker_stream_metric(&hw, "hangwatch_lifecycle_events_malformed_total"),
         0.0
     );
     let (code, _) = hw.get("/healthz");
@@ -594,14 +602,14 @@ fn events_replayed_after_a_cut_stream_are_not_counted_twice() {
     );
     let hw = Hangwatch::start(&config, dir.path());
     wait_for("the event stream open", Duration::from_secs(30), || {
-        (metric(&hw, "hangwatch_lifecycle_events_stream_up") == 1.0).then_some(())
+        (docker_stream_metric(&hw, "hangwatch_lifecycle_events_stream_up") == 1.0).then_some(())
     });
 
     clean_stop(&daemons, &hw, "first");
     wait_for(
         "kill, die and stop applied",
         Duration::from_secs(15),
-        || (metric(&hw, "hangwatch_lifecycle_events_total") >= 3.0).then_some(()),
+        || (docker_stream_metric(&hw, "hangwatch_lifecycle_events_total") >= 3.0).then_some(()),
     );
     let first = recent_stop(&hw, "first").expect("first stop");
     let died = humantime::parse_rfc3339(first["ended_at"].as_str().expect("ended_at"))

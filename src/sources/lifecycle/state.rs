@@ -237,6 +237,9 @@ impl LifecycleState {
     /// `check` does not read the stream: say so rather than judge it.
     pub fn not_read(&mut self, stream: Runtime, reason: &str) {
         self.changed = true;
+        if stream == Runtime::Containerd {
+            self.containerd_followed = false;
+        }
         let status = self.stream_mut(stream);
         status.connected = false;
         status.healthy = false;
@@ -1751,9 +1754,11 @@ mod tests {
         );
         assert!(text.contains("hangwatch_lifecycle_events_stream_up{runtime=\"containerd\"} 0"));
         s.not_read(Runtime::Containerd, "not read by check");
+        s.evaluate(wall(4), &metrics, None, Some(RuntimeState::Healthy), None);
         assert_eq!(
             s.view().containerd_events_stream.reason,
-            "not read by check"
+            "not read by check",
+            "kept, not judged"
         );
     }
 }
