@@ -90,7 +90,7 @@ fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_no
     let dir = TempDir::new("lifecycle-escalation");
     let hw = start(&daemons, &dir);
 
-    run(&daemons, "ignores-term", IGNORES_SIGTERM, &[]);
+    let ignoring = run(&daemons, "ignores-term", IGNORES_SIGTERM, &[]);
     let began = Instant::now();
     daemons.docker_ok(&["stop", "-t", "1", "ignores-term"]);
     let cli_seconds = began.elapsed().as_secs_f64();
@@ -113,7 +113,31 @@ fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_no
         metric(&hw, "hangwatch_container_stop_escalations_total"),
         1.0
     );
+    // containerd's `moby` namespace reports the same exit: listed and counted as an exit,
+    // not as a second stop.
+    let (exit, _) = wait_for(
+        "the exit from containerd's events",
+        Duration::from_secs(10),
+        || {
+            stops(&hw)["recent_exits"]
+                .as_array()?
+                .iter()
+                .find(|e| e["container"]["id"] == ignoring.as_str())
+                .cloned()
+        },
+    );
+    assert_eq!(exit["containerd_namespace"], "moby", "{exit}");
+    assert_eq!(exit["exit_status"], 137, "{exit}");
+    assert_eq!(exit["container"]["name"], "ignores-term", "{exit}");
+    assert_eq!(
+        hw.metric(
+            "hangwatch_container_exits_total",
+            &[("runtime", "containerd"), ("reason", "signal_kill")]
+        ),
+        Some(1.0)
+    );
     assert_eq!(stops_counted(&hw), 1.0);
+    assert_eq!(stops(&hw)["recent"].as_array().map(Vec::len), Some(1));
     let sum = metric(&hw, "hangwatch_container_stop_duration_seconds_sum");
     assert!((sum - duration).abs() < 1e-6, "{sum} vs {duration}");
     assert_eq!(
