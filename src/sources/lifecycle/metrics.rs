@@ -7,8 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::detect::EventStream;
 use super::exits::ExitReason;
-use crate::domain::Runtime;
 use crate::metrics::{ContainerLabels, FloatGauge, RuntimeLabels};
 
 /// Container stop duration buckets: 100 ms to 10 min. A stop that ignores its signal lasts its
@@ -120,7 +120,7 @@ impl LifecycleMetrics {
     }
 
     /// The series of a stream that is followed, at zero, so they exist before its first event.
-    pub fn follow(&self, stream: Runtime) {
+    pub fn follow(&self, stream: EventStream) {
         let labels = RuntimeLabels {
             runtime: stream.as_str(),
         };
@@ -134,7 +134,7 @@ impl LifecycleMetrics {
         self.lifecycle_events_stream_reconnects_total
             .get_or_create(&labels)
             .inc_by(0);
-        if stream == Runtime::Containerd {
+        if stream == EventStream::Containerd {
             self.container_oom_events_total
                 .get_or_create(&labels)
                 .inc_by(0);

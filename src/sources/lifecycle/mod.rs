@@ -16,9 +16,8 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 
 use crate::config::{Config, RuntimeMode};
-use crate::domain::Runtime;
 use crate::sources::{CheckFindings, CheckRun, Detector, Now, Source, SourceState};
-use detect::LifecycleSignal;
+use detect::{EventStream, LifecycleSignal};
 use metrics::LifecycleMetrics;
 
 pub use detect::CHECK_LOOKBACK;
@@ -44,10 +43,10 @@ impl Source for LifecycleSource {
         let docker_enabled = config.docker.mode != RuntimeMode::Disabled;
         let containerd_followed = detect::containerd::detector(config).is_some();
         if detect::detector(config).is_some() {
-            metrics.follow(Runtime::Docker);
+            metrics.follow(EventStream::Docker);
         }
         if containerd_followed {
-            metrics.follow(Runtime::Containerd);
+            metrics.follow(EventStream::Containerd);
         }
         let state = state::LifecycleState::new(
             &config.lifecycle,
@@ -81,7 +80,7 @@ impl Source for LifecycleSource {
             if containerd {
                 found.signals.push(
                     LifecycleSignal::NotRead {
-                        stream: Runtime::Containerd,
+                        stream: EventStream::Containerd,
                         reason: "not read by check: containerd's event service keeps no history; the daemon follows it",
                     }
                     .into(),
@@ -97,7 +96,7 @@ impl Source for LifecycleSource {
                 Ok(events) => {
                     found.signals.push(
                         LifecycleSignal::StreamUp {
-                            stream: Runtime::Docker,
+                            stream: EventStream::Docker,
                             reconnected: false,
                         }
                         .into(),
@@ -110,7 +109,7 @@ impl Source for LifecycleSource {
                     for reason in events.malformed {
                         found.signals.push(
                             LifecycleSignal::Malformed {
-                                stream: Runtime::Docker,
+                                stream: EventStream::Docker,
                                 reason,
                             }
                             .into(),
@@ -119,7 +118,7 @@ impl Source for LifecycleSource {
                 }
                 Err(error) => found.signals.push(
                     LifecycleSignal::StreamDown {
-                        stream: Runtime::Docker,
+                        stream: EventStream::Docker,
                         error,
                         retry_in: std::time::Duration::ZERO,
                     }

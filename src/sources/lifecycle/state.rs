@@ -23,7 +23,9 @@ use crate::domain::Runtime;
 use crate::engine::incidents::Evidence;
 use crate::metrics::{ContainerLabels, RuntimeLabels};
 use crate::signal::Payload;
-use crate::sources::lifecycle::detect::{ContainerEvent, LifecycleSignal, TaskExit, TaskOom};
+use crate::sources::lifecycle::detect::{
+    ContainerEvent, EventStream, LifecycleSignal, TaskExit, TaskOom,
+};
 use crate::sources::lifecycle::exits::{ExitBook, ExitReason, ExitRecord};
 use crate::sources::lifecycle::metrics::ExitLabels;
 use crate::sources::lifecycle::stops::{
@@ -175,14 +177,19 @@ impl LifecycleState {
         }
     }
 
-    fn stream_mut(&mut self, stream: Runtime) -> &mut StreamStatus {
+    fn stream_mut(&mut self, stream: EventStream) -> &mut StreamStatus {
         match stream {
-            Runtime::Containerd => &mut self.containerd_stream,
-            _ => &mut self.stream,
+            EventStream::Docker => &mut self.stream,
+            EventStream::Containerd => &mut self.containerd_stream,
         }
     }
 
-    pub fn stream_up(&mut self, stream: Runtime, reconnected: bool, metrics: &LifecycleMetrics) {
+    pub fn stream_up(
+        &mut self,
+        stream: EventStream,
+        reconnected: bool,
+        metrics: &LifecycleMetrics,
+    ) {
         self.changed = true;
         let labels = stream_labels(stream);
         metrics
@@ -204,7 +211,7 @@ impl LifecycleState {
 
     pub fn stream_down(
         &mut self,
-        stream: Runtime,
+        stream: EventStream,
         error: String,
         retry_in: Duration,
         metrics: &LifecycleMetrics,
@@ -223,7 +230,7 @@ impl LifecycleState {
         status.retry_in_seconds = Some(retry_in.as_secs_f64());
     }
 
-    pub fn malformed(&mut self, stream: Runtime, reason: String, metrics: &LifecycleMetrics) {
+    pub fn malformed(&mut self, stream: EventStream, reason: String, metrics: &LifecycleMetrics) {
         self.changed = true;
         metrics
             .lifecycle_events_malformed_total
@@ -235,9 +242,9 @@ impl LifecycleState {
     }
 
     /// `check` does not read the stream: say so rather than judge it.
-    pub fn not_read(&mut self, stream: Runtime, reason: &str) {
+    pub fn not_read(&mut self, stream: EventStream, reason: &str) {
         self.changed = true;
-        if stream == Runtime::Containerd {
+        if stream == EventStream::Containerd {
             self.containerd_followed = false;
         }
         let status = self.stream_mut(stream);
@@ -255,7 +262,7 @@ impl LifecycleState {
         self.changed = true;
         metrics
             .lifecycle_events_total
-            .get_or_create(&stream_labels(Runtime::Docker))
+            .get_or_create(&stream_labels(EventStream::Docker))
             .inc();
         self.stream.events += 1;
         match self.book.apply(event) {
@@ -333,7 +340,7 @@ impl LifecycleState {
         self.changed = true;
         metrics
             .lifecycle_events_total
-            .get_or_create(&stream_labels(Runtime::Containerd))
+            .get_or_create(&stream_labels(EventStream::Containerd))
             .inc();
         self.containerd_stream.events += 1;
         let id = exit.container_id.as_str();
@@ -356,7 +363,7 @@ impl LifecycleState {
         metrics
             .container_exits_total
             .get_or_create(&ExitLabels {
-                runtime: Runtime::Containerd.as_str(),
+                runtime: EventStream::Containerd.as_str(),
                 reason: record.reason.as_str(),
             })
             .inc();
@@ -386,7 +393,7 @@ impl LifecycleState {
 
     /// containerd's OOM kill in a container: counted, and its next exit is an OOM exit.
     pub fn task_oom(&mut self, oom: &TaskOom, metrics: &LifecycleMetrics) {
-        let labels = stream_labels(Runtime::Containerd);
+        let labels = stream_labels(EventStream::Containerd);
         metrics.lifecycle_events_total.get_or_create(&labels).inc();
         metrics
             .container_oom_events_total
@@ -694,7 +701,7 @@ impl LifecycleState {
     }
 }
 
-fn stream_labels(stream: Runtime) -> RuntimeLabels {
+fn stream_labels(stream: EventStream) -> RuntimeLabels {
     RuntimeLabels {
         runtime: stream.as_str(),
     }
@@ -1261,7 +1268,7 @@ mod tests {
     fn a_change_of_trust_is_published_even_with_no_stop_going_on() {
         let metrics = Metrics::new(None);
         let mut s = state(10);
-        s.stream_up(Runtime::Docker, false, &metrics);
+        s.stream_up(EventStream::Docker, false, &metrics);
         s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(s.changed_view().is_some_and(|v| v.events_stream.healthy));
         s.evaluate(wall(1), &metrics, Some(RuntimeState::Healthy), None, None);
@@ -1284,7 +1291,7 @@ mod tests {
         let metrics = Metrics::new(None);
         let mut s = state(10);
         s.malformed(
-            Runtime::Docker,
+            EventStream::Docker,
             "unexpected action \"teleport\"".into(),
             &metrics,
         );
@@ -1328,7 +1335,7 @@ mod tests {
         let mut s = state(10);
         s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(!s.view().events_stream.healthy, "never opened");
-        s.stream_up(Runtime::Docker, false, &metrics);
+        s.stream_up(EventStream::Docker, false, &metrics);
         s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(s.view().events_stream.healthy);
         s.evaluate(wall(0), &metrics, Some(RuntimeState::Hung), None, None);
@@ -1340,7 +1347,7 @@ mod tests {
             stream.reason
         );
         s.stream_down(
-            Runtime::Docker,
+            EventStream::Docker,
             "the daemon closed the event stream".into(),
             Duration::from_secs(1),
             &metrics,
@@ -1357,7 +1364,7 @@ mod tests {
             s.view().events_stream.healthy,
             "no Docker, no stops: silence is the truth"
         );
-        s.stream_up(Runtime::Docker, true, &metrics);
+        s.stream_up(EventStream::Docker, true, &metrics);
         assert_eq!(s.view().events_stream.reconnects, 1);
         assert!(
             metrics.encode().contains(
@@ -1598,7 +1605,7 @@ mod tests {
     #[test]
     fn containerds_exit_ends_a_stuck_stop_seen_in_proc_with_its_exit_code_and_counts_it() {
         let metrics = Metrics::new(None);
-        metrics.follow(Runtime::Containerd);
+        metrics.follow(EventStream::Containerd);
         let mut s = without_docker();
         s.evaluate(
             wall(1_000),
@@ -1718,7 +1725,7 @@ mod tests {
         s.evaluate(wall(0), &metrics, None, Some(RuntimeState::Healthy), None);
         let stream = s.view().containerd_events_stream;
         assert!(!stream.healthy && stream.reason == "event stream not opened yet");
-        s.stream_up(Runtime::Containerd, false, &metrics);
+        s.stream_up(EventStream::Containerd, false, &metrics);
         s.evaluate(wall(1), &metrics, None, Some(RuntimeState::Healthy), None);
         let view = s.view();
         assert!(view.containerd_events_stream.healthy);
@@ -1734,7 +1741,7 @@ mod tests {
                 .contains("containerd is hung")
         );
         s.stream_down(
-            Runtime::Containerd,
+            EventStream::Containerd,
             "refused".into(),
             Duration::from_secs(1),
             &metrics,
@@ -1746,14 +1753,14 @@ mod tests {
             "{}",
             stream.reason
         );
-        s.malformed(Runtime::Containerd, "garbage".into(), &metrics);
+        s.malformed(EventStream::Containerd, "garbage".into(), &metrics);
         let text = metrics.encode();
         assert!(
             text.contains("hangwatch_lifecycle_events_malformed_total{runtime=\"containerd\"} 1"),
             "{text}"
         );
         assert!(text.contains("hangwatch_lifecycle_events_stream_up{runtime=\"containerd\"} 0"));
-        s.not_read(Runtime::Containerd, "not read by check");
+        s.not_read(EventStream::Containerd, "not read by check");
         s.evaluate(wall(4), &metrics, None, Some(RuntimeState::Healthy), None);
         assert_eq!(
             s.view().containerd_events_stream.reason,

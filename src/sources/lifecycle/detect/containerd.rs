@@ -26,10 +26,9 @@ use containerd_client::types::Envelope;
 use hyper_util::rt::TokioIo;
 use prost::Message;
 
-use super::LifecycleSignal;
 use super::stream::Backoff;
+use super::{EventStream, LifecycleSignal};
 use crate::config::{Config, RuntimeMode};
-use crate::domain::Runtime;
 use crate::sources::detector::{Detector, DetectorContext, DetectorFuture};
 use crate::sources::runtime::detect::{classify_error, socket_present};
 
@@ -196,7 +195,7 @@ enum Ended {
 
 fn up(reconnected: bool) -> LifecycleSignal {
     LifecycleSignal::StreamUp {
-        stream: Runtime::Containerd,
+        stream: EventStream::Containerd,
         reconnected,
     }
 }
@@ -233,7 +232,7 @@ async fn follow(ctx: DetectorContext) {
         let retry_in = backoff.next_wait();
         tracing::debug!(%error, ?retry_in, "containerd event stream down");
         let down = LifecycleSignal::StreamDown {
-            stream: Runtime::Containerd,
+            stream: EventStream::Containerd,
             error,
             retry_in,
         };
@@ -327,7 +326,7 @@ async fn subscribe(channel: Channel, ctx: &DetectorContext, namespaces: &[String
                 // which tonic does not read past it, is opened again.
                 let reason = format!("not an event envelope: {}", status.message());
                 let malformed = LifecycleSignal::Malformed {
-                    stream: Runtime::Containerd,
+                    stream: EventStream::Containerd,
                     reason: reason.clone(),
                 };
                 if !ctx.signals.send(malformed.into()).await {
@@ -347,7 +346,7 @@ async fn subscribe(channel: Channel, ctx: &DetectorContext, namespaces: &[String
                     tracing::warn!(%reason, "containerd event not understood; skipped");
                 }
                 LifecycleSignal::Malformed {
-                    stream: Runtime::Containerd,
+                    stream: EventStream::Containerd,
                     reason,
                 }
             }

@@ -36,6 +36,33 @@ pub use event::{ContainerAction, ContainerEvent};
 
 use crate::domain::Runtime;
 
+/// Whose event stream: Docker's `/events` or containerd's event service. Its runtime's name
+/// is the `runtime` label of the streams' metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventStream {
+    Docker,
+    Containerd,
+}
+
+impl EventStream {
+    pub fn runtime(self) -> Runtime {
+        match self {
+            EventStream::Docker => Runtime::Docker,
+            EventStream::Containerd => Runtime::Containerd,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.runtime().as_str()
+    }
+}
+
+impl std::fmt::Display for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the event stream followers tell the lifecycle source's state. `stream` is whose event
 /// stream: Docker's `/events` or containerd's event service.
 #[derive(Debug)]
@@ -47,18 +74,21 @@ pub enum LifecycleSignal {
     /// containerd: the OOM killer killed a process of a container.
     TaskOom(TaskOom),
     /// The event stream is open; `reconnected` after it had broken.
-    StreamUp { stream: Runtime, reconnected: bool },
+    StreamUp {
+        stream: EventStream,
+        reconnected: bool,
+    },
     /// The stream could not be opened or ended; the next attempt is in `retry_in`.
     StreamDown {
-        stream: Runtime,
+        stream: EventStream,
         error: String,
         retry_in: Duration,
     },
     /// An event that is not usable (logged by the detector).
-    Malformed { stream: Runtime, reason: String },
+    Malformed { stream: EventStream, reason: String },
     /// `check` does not read this stream (containerd's event service keeps no history).
     NotRead {
-        stream: Runtime,
+        stream: EventStream,
         reason: &'static str,
     },
 }
@@ -148,7 +178,7 @@ async fn follow(ctx: DetectorContext) {
                 connections += 1;
                 tracing::info!(socket = %socket.display(), %since, "following docker events");
                 let up = LifecycleSignal::StreamUp {
-                    stream: Runtime::Docker,
+                    stream: EventStream::Docker,
                     reconnected: connections > 1,
                 };
                 if !ctx.signals.send(up.into()).await {
@@ -171,7 +201,7 @@ async fn follow(ctx: DetectorContext) {
         let retry_in = backoff.next_wait();
         tracing::debug!(%error, ?retry_in, "docker event stream down");
         let down = LifecycleSignal::StreamDown {
-            stream: Runtime::Docker,
+            stream: EventStream::Docker,
             error,
             retry_in,
         };
@@ -270,7 +300,7 @@ fn malformed(reason: String, logged: &mut u32) -> LifecycleSignal {
         tracing::warn!(%reason, "docker event not understood; skipped");
     }
     LifecycleSignal::Malformed {
-        stream: Runtime::Docker,
+        stream: EventStream::Docker,
         reason,
     }
 }
