@@ -39,8 +39,6 @@ use crate::sources::{Action, Context, Now, Section, SourceState, json_of, payloa
 
 /// Stops listed by `check`.
 const CHECK_RECENT_STOPS: usize = 10;
-/// Exits listed by `check`.
-const CHECK_RECENT_EXITS: usize = 10;
 
 /// Tasks named per stuck stop at most (the count of frozen ones is always complete).
 const MAX_HELD_TASKS: usize = 16;
@@ -932,19 +930,6 @@ impl Section for StopsSection {
                 "  stopped   {:>6.1}s  {name:<24} {}  {how}",
                 stop.duration_seconds,
                 stop.container.image.as_deref().unwrap_or("?")
-            );
-        }
-        for exit in stops.recent_exits.iter().take(CHECK_RECENT_EXITS) {
-            let name = exit.container.name.as_deref().unwrap_or(&exit.container.id);
-            let pod = match (&exit.container.namespace, &exit.container.pod) {
-                (Some(namespace), Some(pod)) => format!(" (pod {namespace}/{pod})"),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "  exited    {name:<24}{pod} status {} ({})",
-                exit.exit_status,
-                exit.reason.as_str()
             );
         }
         let mut ignoring: Vec<(&str, usize)> = Vec::new();
