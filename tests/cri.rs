@@ -241,8 +241,33 @@ fn containerd_stopped_makes_cri_and_native_stuck_which_is_containerd_hung() {
         .find(|i| i["runtime"] == "cri")
         .expect("a CRI incident");
     assert_eq!(incident["layer"], "containerd", "{incident}");
+    // The event subscription stays open on a stopped containerd, and says nothing: its
+    // silence is not trusted while containerd is hung.
+    let exits_stream = |hw: &Hangwatch| {
+        let (code, body) = hw.get("/stops");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("/stops is JSON")
+            ["containerd_events_stream"]
+            .clone()
+    };
+    let (stream, _) = wait_for(
+        "containerd's event stream untrusted",
+        Duration::from_secs(5),
+        || Some(exits_stream(&hw)).filter(|s| s["healthy"] == false),
+    );
+    assert!(
+        stream["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("containerd is hung")),
+        "{stream}"
+    );
     drop(stopped);
     wait_state(&hw, "cri", "healthy", Duration::from_secs(30));
+    wait_for(
+        "containerd's event stream trusted again",
+        Duration::from_secs(10),
+        || (exits_stream(&hw)["healthy"] == true).then_some(()),
+    );
 }
 
 #[test]

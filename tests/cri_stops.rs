@@ -1,7 +1,8 @@
 //! Stuck kills on a node without dockerd: a private containerd with its CRI plugin, a pod
 //! whose tasks cannot take SIGKILL (its cgroup parent frozen through the v1 freezer), stopped
 //! through CRI `StopContainer`. Only /proc shows the stop (no Docker events): SIGKILL pending
-//! on the container's tasks. Run under the real-tests lock:
+//! on the container's tasks; containerd's `/tasks/exit` ends it with the exit code once thawed.
+//! Run under the real-tests lock:
 //! `flock /tmp/hangwatch-real-tests.lock cargo test --test cri_stops`.
 
 mod support;
@@ -49,6 +50,15 @@ fn stops(hw: &Hangwatch) -> Value {
     serde_json::from_str(&body).expect("/stops is JSON")
 }
 
+/// Container exits counted from containerd's events with `reason`.
+fn exits(hw: &Hangwatch, reason: &str) -> f64 {
+    hw.metric(
+        "hangwatch_container_exits_total",
+        &[("runtime", "containerd"), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
 fn stuck_series(hw: &Hangwatch, id: &str) -> Option<String> {
     hw.metrics()
         .lines()
@@ -82,9 +92,24 @@ fn a_cri_stop_of_a_frozen_pod_is_a_stuck_stop_seen_in_proc_with_its_tasks_until_
                 .then_some(())
         },
     );
-    let view = stops(&hw);
+    let (view, _) = wait_for(
+        "containerd's event stream open",
+        Duration::from_secs(20),
+        || {
+            let view = stops(&hw);
+            (view["containerd_events_stream"]["healthy"] == true).then_some(view)
+        },
+    );
     assert_eq!(view["enabled"], true, "{view}");
     assert_eq!(view["events_stream"]["healthy"], true, "{view}");
+    assert_eq!(
+        hw.metric(
+            "hangwatch_lifecycle_events_stream_up",
+            &[("runtime", "containerd")]
+        ),
+        Some(1.0)
+    );
+    let terms_before = exits(&hw, "signal_term");
     assert_eq!(hw.metric("hangwatch_stuck_container_stops", &[]), Some(0.0));
 
     let frozen = Frozen::freeze(daemon.cgroup_parent());
@@ -181,6 +206,10 @@ fn a_cri_stop_of_a_frozen_pod_is_a_stuck_stop_seen_in_proc_with_its_tasks_until_
         out.contains(&format!("pid {pid} ")),
         "the task named: {out}"
     );
+    assert!(
+        out.contains("containerd exits: not read by check"),
+        "check does not pretend to have read containerd's events: {out}"
+    );
 
     drop(frozen);
     wait_for(
@@ -192,16 +221,51 @@ fn a_cri_stop_of_a_frozen_pod_is_a_stuck_stop_seen_in_proc_with_its_tasks_until_
             .then_some(())
         },
     );
-    let ended = stops(&hw)["recent"]
+    let (ended, _) = wait_for(
+        "the ended stop with the exit code from /tasks/exit",
+        Duration::from_secs(10),
+        || {
+            stops(&hw)["recent"]
+                .as_array()?
+                .iter()
+                .find(|s| {
+                    s["container"]["id"] == web.container_id.as_str() && !s["exit_code"].is_null()
+                })
+                .cloned()
+        },
+    );
+    assert_eq!(ended["was_stuck"], true, "{ended}");
+    // SIGTERM came first and `sleep` (not the PID namespace's init: the sandbox is) has no
+    // handler: the kernel made it fatal at once, queueing the SIGKILL /proc showed pending,
+    // and the exit status is SIGTERM's.
+    assert_eq!(ended["exit_code"], 143, "{ended}");
+    // containerd's exit usually comes first; a complete scan between the thaw and the exit
+    // sees the kill land first, and the exit then adds its code.
+    assert!(
+        ended["ended_by"] == "exited" || ended["ended_by"] == "kill_landed",
+        "{ended}"
+    );
+    wait_for("the exit counted", Duration::from_secs(10), || {
+        (exits(&hw, "signal_term") >= terms_before + 1.0).then_some(())
+    });
+    let view = stops(&hw);
+    let exit = view["recent_exits"]
         .as_array()
-        .and_then(|r| {
-            r.iter()
-                .find(|s| s["container"]["id"] == web.container_id.as_str())
+        .and_then(|e| {
+            e.iter()
+                .find(|e| e["container"]["id"] == web.container_id.as_str())
                 .cloned()
         })
-        .expect("the ended stop");
-    assert_eq!(ended["was_stuck"], true, "{ended}");
-    assert_eq!(ended["ended_by"], "kill_landed", "{ended}");
+        .unwrap_or_else(|| panic!("the exit listed: {view}"));
+    assert_eq!(exit["exit_status"], 143, "{exit}");
+    assert_eq!(exit["reason"], "signal_term", "{exit}");
+    assert_eq!(exit["containerd_namespace"], "k8s.io", "{exit}");
+    assert_eq!(exit["container"]["pod"], "web", "{exit}");
+    assert_eq!(
+        view["in_progress"].as_array().map(Vec::len),
+        Some(0),
+        "no stop re-created for the gone container: {view}"
+    );
     let stopped = stop.join().expect("StopContainer thread");
     assert!(
         stopped.is_ok(),

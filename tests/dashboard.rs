@@ -72,7 +72,7 @@ const CORE: [&str; 23] = [
     "Stuck container stops",
     "Container stop duration p99 and p50",
     "Stops escalated to SIGKILL (1h)",
-    "Docker event stream up",
+    "Event streams up (Docker, containerd)",
     "hangwatch targets up",
 ];
 

@@ -64,6 +64,11 @@ fn metric(hw: &Hangwatch, name: &str) -> f64 {
     hw.metric(name, &[]).unwrap_or(0.0)
 }
 
+/// A family of the event streams' metrics, Docker's series.
+fn docker_stream_metric(hw: &Hangwatch, name: &str) -> f64 {
+    hw.metric(name, &[("runtime", "docker")]).unwrap_or(0.0)
+}
+
 fn stops_counted(hw: &Hangwatch) -> f64 {
     metric(hw, "hangwatch_container_stop_duration_seconds_count")
 }
@@ -85,7 +90,7 @@ fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_no
     let dir = TempDir::new("lifecycle-escalation");
     let hw = start(&daemons, &dir);
 
-    run(&daemons, "ignores-term", IGNORES_SIGTERM, &[]);
+    let ignoring = run(&daemons, "ignores-term", IGNORES_SIGTERM, &[]);
     let began = Instant::now();
     daemons.docker_ok(&["stop", "-t", "1", "ignores-term"]);
     let cli_seconds = began.elapsed().as_secs_f64();
@@ -108,7 +113,31 @@ fn pid_1_ignoring_sigterm_escalates_after_the_timeout_and_a_trapping_one_does_no
         metric(&hw, "hangwatch_container_stop_escalations_total"),
         1.0
     );
+    // containerd's `moby` namespace reports the same exit: listed and counted as an exit,
+    // not as a second stop.
+    let (exit, _) = wait_for(
+        "the exit from containerd's events",
+        Duration::from_secs(10),
+        || {
+            stops(&hw)["recent_exits"]
+                .as_array()?
+                .iter()
+                .find(|e| e["container"]["id"] == ignoring.as_str())
+                .cloned()
+        },
+    );
+    assert_eq!(exit["containerd_namespace"], "moby", "{exit}");
+    assert_eq!(exit["exit_status"], 137, "{exit}");
+    assert_eq!(exit["container"]["name"], "ignores-term", "{exit}");
+    assert_eq!(
+        hw.metric(
+            "hangwatch_container_exits_total",
+            &[("runtime", "containerd"), ("reason", "signal_kill")]
+        ),
+        Some(1.0)
+    );
     assert_eq!(stops_counted(&hw), 1.0);
+    assert_eq!(stops(&hw)["recent"].as_array().map(Vec::len), Some(1));
     let sum = metric(&hw, "hangwatch_container_stop_duration_seconds_sum");
     assert!((sum - duration).abs() < 1e-6, "{sum} vs {duration}");
     assert_eq!(
@@ -445,8 +474,8 @@ fn a_stalled_dockerd_makes_its_silence_untrusted_and_the_stop_it_began_goes_stuc
 /// Wait until the event stream has been opened again `times` times.
 fn wait_reconnected(hw: &Hangwatch, times: f64) {
     wait_for("the event stream back", Duration::from_secs(60), || {
-        (metric(hw, "hangwatch_lifecycle_events_stream_reconnects_total") >= times
-            && metric(hw, "hangwatch_lifecycle_events_stream_up") == 1.0)
+        (docker_stream_metric(hw, "hangwatch_lifecycle_events_stream_reconnects_total") >= times
+            && docker_stream_metric(hw, "hangwatch_lifecycle_events_stream_up") == 1.0)
             .then_some(())
     });
 }
@@ -469,9 +498,12 @@ fn remove_and_count(daemons: &PrivateDaemons, hw: &Hangwatch, name: &str, events
     wait_for(
         &format!("{events} events applied"),
         Duration::from_secs(15),
-        || (metric(hw, "hangwatch_lifecycle_events_total") >= events).then_some(()),
+        || (docker_stream_metric(hw, "hangwatch_lifecycle_events_total") >= events).then_some(()),
     );
-    assert_eq!(metric(hw, "hangwatch_lifecycle_events_total"), events);
+    assert_eq!(
+        docker_stream_metric(hw, "hangwatch_lifecycle_events_total"),
+        events
+    );
 }
 
 fn recent_names(hw: &Hangwatch) -> Vec<String> {
@@ -502,7 +534,7 @@ fn dockerd_restart_reconnects_without_double_counting() {
     assert_eq!(stops_counted(&hw), 2.0);
     assert_eq!(recent_names(&hw), ["after", "before"]);
     assert_eq!(
-        metric(&hw, "hangwatch_lifecycle_events_malformed_total"),
+        docker_stream_metric(&hw, "hangwatch_lifecycle_events_malformed_total"),
         0.0
     );
     let (code, _) = hw.get("/healthz");
@@ -594,14 +626,14 @@ fn events_replayed_after_a_cut_stream_are_not_counted_twice() {
     );
     let hw = Hangwatch::start(&config, dir.path());
     wait_for("the event stream open", Duration::from_secs(30), || {
-        (metric(&hw, "hangwatch_lifecycle_events_stream_up") == 1.0).then_some(())
+        (docker_stream_metric(&hw, "hangwatch_lifecycle_events_stream_up") == 1.0).then_some(())
     });
 
     clean_stop(&daemons, &hw, "first");
     wait_for(
         "kill, die and stop applied",
         Duration::from_secs(15),
-        || (metric(&hw, "hangwatch_lifecycle_events_total") >= 3.0).then_some(()),
+        || (docker_stream_metric(&hw, "hangwatch_lifecycle_events_total") >= 3.0).then_some(()),
     );
     let first = recent_stop(&hw, "first").expect("first stop");
     let died = humantime::parse_rfc3339(first["ended_at"].as_str().expect("ended_at"))

@@ -417,6 +417,13 @@ pub fn check(c: &Config) -> Vec<Problem> {
     );
     count(
         out,
+        "lifecycle.recent_exits",
+        lifecycle.recent_exits as u64,
+        1,
+        100_000,
+    );
+    count(
+        out,
         "lifecycle.max_stuck_series",
         lifecycle.max_stuck_series as u64,
         0,

@@ -243,6 +243,8 @@ pub struct LifecycleConfig {
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
     pub recent_stops: usize,
+    /// Container exits from containerd's events kept for `/stops` and `check`.
+    pub recent_exits: usize,
     /// Per-container `hangwatch_stuck_container_stop_seconds` series at most.
     pub max_stuck_series: usize,
 }
@@ -484,6 +486,7 @@ impl Default for LifecycleConfig {
             stop_timeout: secs(10),
             stop_grace: secs(30),
             recent_stops: 256,
+            recent_exits: 256,
             max_stuck_series: 200,
         }
     }

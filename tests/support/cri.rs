@@ -223,7 +223,7 @@ impl PrivateCri {
         let bin = rootfs.join("bin");
         fs::create_dir_all(&bin).expect("rootfs");
         fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static missing");
-        for applet in ["sh", "sleep", "true"] {
+        for applet in ["sh", "sleep", "tail", "true"] {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
         let layout = image.join("layout");
@@ -320,6 +320,19 @@ impl PrivateCri {
 
     /// A host-network pod `namespace/name` with one running container `container`.
     pub fn run_pod(&self, namespace: &str, name: &str, container: &str) -> Pod {
+        self.run_pod_with(namespace, name, container, &["/bin/sleep", "1000000"], None)
+    }
+
+    /// Like [`run_pod`](Self::run_pod), the container running `command`, with a memory limit
+    /// when given (CRI's `memory_limit_in_bytes`: the container's own memory cgroup).
+    pub fn run_pod_with(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        command: &[&str],
+        memory_limit: Option<i64>,
+    ) -> Pod {
         let sandbox_config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
@@ -361,8 +374,15 @@ impl PrivateCri {
                 image: IMAGE.into(),
                 ..Default::default()
             }),
-            command: vec!["/bin/sleep".into(), "1000000".into()],
+            command: command.iter().map(|c| c.to_string()).collect(),
             log_path: format!("{container}.log"),
+            linux: memory_limit.map(|limit| cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let id = sandbox_id.clone();
@@ -441,6 +461,23 @@ impl PrivateCri {
             sock = self.socket.display(),
             tmp = self.tmp.display(),
         )
+    }
+
+    /// Kill containerd (SIGKILL to the harness's own child) and wait for it to be gone; for
+    /// tests without pods (their shims would be left in its mount namespace).
+    pub fn kill_containerd(&mut self) {
+        if let Some(mut child) = self.containerd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start containerd again on the same socket, root and state after [`kill_containerd`].
+    ///
+    /// [`kill_containerd`]: Self::kill_containerd
+    pub fn start_containerd_again(&mut self) {
+        assert!(self.containerd.is_none(), "containerd is still running");
+        self.start_containerd();
     }
 
     pub fn signal_containerd(&self, signal: i32) {

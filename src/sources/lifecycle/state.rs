@@ -1,11 +1,13 @@
 //! The container-stop source's engine-side state: the stop book, metrics (a per-container
 //! series only while a stop is stuck, at most `lifecycle.max_stuck_series`), what /proc shows
-//! holding a stuck stop, evidence for incidents, and whether the event stream can be trusted.
+//! holding a stuck stop, evidence for incidents, whether the event streams can be trusted,
+//! and containerd's exits and OOM kills.
 //!
 //! Stuck-ness is decided on the evaluation tick from event times, never from the arrival of
 //! an event: a stop whose `die` does not come is stuck at its deadline however silent the
 //! stream is. And silence is not "no stops": when the stream is down or dockerd is stalled
-//! (its events are held back with it), `/stops` says the stream is not healthy.
+//! (its events are held back with it), `/stops` says the stream is not healthy. The same
+//! holds for containerd's event service, which ends the stops /proc saw with their exit code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -19,9 +21,13 @@ use crate::config::LifecycleConfig;
 use crate::containers::ContainerInfo;
 use crate::domain::Runtime;
 use crate::engine::incidents::Evidence;
-use crate::metrics::ContainerLabels;
+use crate::metrics::{ContainerLabels, RuntimeLabels};
 use crate::signal::Payload;
-use crate::sources::lifecycle::detect::{ContainerEvent, LifecycleSignal};
+use crate::sources::lifecycle::detect::{
+    ContainerEvent, EventStream, LifecycleSignal, TaskExit, TaskOom,
+};
+use crate::sources::lifecycle::exits::{ExitBook, ExitReason, ExitRecord};
+use crate::sources::lifecycle::metrics::ExitLabels;
 use crate::sources::lifecycle::stops::{
     Applied, Ending, HeldBy, HeldTask, SIGKILL, SeenBy, StopBook, StopInProgress, StopRecord,
     StopSettings,
@@ -29,7 +35,7 @@ use crate::sources::lifecycle::stops::{
 use crate::sources::procscan::detect::KillPendingTask;
 use crate::sources::procscan::state::ProcScanView;
 use crate::sources::runtime::verdict::RuntimeState;
-use crate::sources::{Context, Now, Section, SourceState, json_of, payload_of};
+use crate::sources::{Action, Context, Now, Section, SourceState, json_of, payload_of};
 
 /// Stops listed by `check`.
 const CHECK_RECENT_STOPS: usize = 10;
@@ -37,13 +43,13 @@ const CHECK_RECENT_STOPS: usize = 10;
 /// Tasks named per stuck stop at most (the count of frozen ones is always complete).
 const MAX_HELD_TASKS: usize = 16;
 
-/// The event stream, as `/stops` and `check` show it.
+/// An event stream (Docker's or containerd's), as `/stops` and `check` show it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamStatus {
     pub connected: bool,
-    /// The stream is open and dockerd answers: silence means no container is stopping. When
-    /// false, stops may be going on that hangwatch does not see yet (stops it saw begin are
-    /// still timed, and declared stuck at their deadline).
+    /// The stream is open and its daemon answers: silence means no container is stopping
+    /// (Docker) or exiting (containerd). When false, stops may be going on that hangwatch does
+    /// not see yet (stops it saw begin are still timed, and declared stuck at their deadline).
     pub healthy: bool,
     pub reason: String,
     /// Times it was opened again after breaking.
@@ -61,13 +67,19 @@ pub struct StreamStatus {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StopsView {
     pub enabled: bool,
+    /// Docker's event stream.
     pub events_stream: StreamStatus,
+    /// containerd's event service (`/tasks/exit`, `/tasks/oom`).
+    pub containerd_events_stream: StreamStatus,
     pub stop_timeout_seconds: f64,
     pub grace_seconds: f64,
     /// Oldest first.
     pub in_progress: Vec<StopInProgress>,
     /// Newest first. Shared: rebuilt only when a stop ends.
     pub recent: Arc<Vec<StopRecord>>,
+    /// Containers' exits from containerd's events, the last `lifecycle.recent_exits`, newest
+    /// first. Shared: rebuilt only when one is added or named.
+    pub recent_exits: Arc<Vec<ExitRecord>>,
 }
 
 /// What incidents must hear about a stuck stop.
@@ -101,6 +113,13 @@ pub struct LifecycleState {
     /// Per-container series currently exported.
     series: BTreeSet<ContainerLabels>,
     stream: StreamStatus,
+    /// containerd's event service is subscribed to (`lifecycle:containerd` runs).
+    containerd_followed: bool,
+    containerd_stream: StreamStatus,
+    exits: ExitBook,
+    recent_exits: Arc<Vec<ExitRecord>>,
+    /// A listed exit's container is not named yet.
+    unnamed_exits: bool,
     /// What incidents were last told holds each stuck stop.
     reported: BTreeMap<String, HeldBy>,
     recent: Arc<Vec<StopRecord>>,
@@ -110,11 +129,13 @@ pub struct LifecycleState {
 
 impl LifecycleState {
     /// `docker_enabled`: whether Docker is probed at all (stops come from its events; without
-    /// it only the kills /proc shows pending). `kill_stuck_after`: how long a kill may stay
+    /// it only the kills /proc shows pending). `containerd_followed`: whether containerd's
+    /// event service is subscribed to (exits). `kill_stuck_after`: how long a kill may stay
     /// pending on a container task before its stop is stuck.
     pub fn new(
         config: &LifecycleConfig,
         docker_enabled: bool,
+        containerd_followed: bool,
         kill_stuck_after: Duration,
     ) -> LifecycleState {
         LifecycleState {
@@ -135,40 +156,99 @@ impl LifecycleState {
                 reason: "not opened yet".into(),
                 ..StreamStatus::default()
             },
+            containerd_followed,
+            containerd_stream: StreamStatus {
+                reason: if containerd_followed {
+                    "not opened yet"
+                } else {
+                    "not followed (lifecycle or containerd disabled, or no namespace)"
+                }
+                .into(),
+                ..StreamStatus::default()
+            },
+            exits: ExitBook::new(config.recent_exits),
+            recent_exits: Arc::default(),
+            unnamed_exits: false,
             reported: BTreeMap::new(),
             recent: Arc::default(),
             changed: true,
         }
     }
 
-    pub fn stream_up(&mut self, reconnected: bool, metrics: &LifecycleMetrics) {
+    fn stream_mut(&mut self, stream: EventStream) -> &mut StreamStatus {
+        match stream {
+            EventStream::Docker => &mut self.stream,
+            EventStream::Containerd => &mut self.containerd_stream,
+        }
+    }
+
+    pub fn stream_up(
+        &mut self,
+        stream: EventStream,
+        reconnected: bool,
+        metrics: &LifecycleMetrics,
+    ) {
         self.changed = true;
-        metrics.lifecycle_events_stream_up.set(1);
+        let labels = stream_labels(stream);
+        metrics
+            .lifecycle_events_stream_up
+            .get_or_create(&labels)
+            .set(1);
+        let status = self.stream_mut(stream);
         if reconnected {
-            metrics.lifecycle_events_stream_reconnects_total.inc();
-            self.stream.reconnects += 1;
-            tracing::info!("docker event stream open again");
+            metrics
+                .lifecycle_events_stream_reconnects_total
+                .get_or_create(&labels)
+                .inc();
+            status.reconnects += 1;
+            tracing::info!(%stream, "event stream open again");
         }
-        self.stream.connected = true;
-        self.stream.retry_in_seconds = None;
+        status.connected = true;
+        status.retry_in_seconds = None;
     }
 
-    pub fn stream_down(&mut self, error: String, retry_in: Duration, metrics: &LifecycleMetrics) {
+    pub fn stream_down(
+        &mut self,
+        stream: EventStream,
+        error: String,
+        retry_in: Duration,
+        metrics: &LifecycleMetrics,
+    ) {
         self.changed = true;
-        metrics.lifecycle_events_stream_up.set(0);
-        if self.stream.connected {
-            tracing::warn!(%error, "docker event stream lost; reconnecting");
+        metrics
+            .lifecycle_events_stream_up
+            .get_or_create(&stream_labels(stream))
+            .set(0);
+        let status = self.stream_mut(stream);
+        if status.connected {
+            tracing::warn!(%stream, %error, "event stream lost; reconnecting");
         }
-        self.stream.connected = false;
-        self.stream.last_error = Some(error);
-        self.stream.retry_in_seconds = Some(retry_in.as_secs_f64());
+        status.connected = false;
+        status.last_error = Some(error);
+        status.retry_in_seconds = Some(retry_in.as_secs_f64());
     }
 
-    pub fn malformed(&mut self, reason: String, metrics: &LifecycleMetrics) {
+    pub fn malformed(&mut self, stream: EventStream, reason: String, metrics: &LifecycleMetrics) {
         self.changed = true;
-        metrics.lifecycle_events_malformed_total.inc();
-        self.stream.malformed += 1;
-        self.stream.last_malformed = Some(reason);
+        metrics
+            .lifecycle_events_malformed_total
+            .get_or_create(&stream_labels(stream))
+            .inc();
+        let status = self.stream_mut(stream);
+        status.malformed += 1;
+        status.last_malformed = Some(reason);
+    }
+
+    /// `check` does not read the stream: say so rather than judge it.
+    pub fn not_read(&mut self, stream: EventStream, reason: &str) {
+        self.changed = true;
+        if stream == EventStream::Containerd {
+            self.containerd_followed = false;
+        }
+        let status = self.stream_mut(stream);
+        status.connected = false;
+        status.healthy = false;
+        status.reason = reason.to_string();
     }
 
     /// Apply one event; a stuck stop that ended is returned for incidents.
@@ -178,7 +258,10 @@ impl LifecycleState {
         metrics: &LifecycleMetrics,
     ) -> Option<StopIncident> {
         self.changed = true;
-        metrics.lifecycle_events_total.inc();
+        metrics
+            .lifecycle_events_total
+            .get_or_create(&stream_labels(EventStream::Docker))
+            .inc();
         self.stream.events += 1;
         match self.book.apply(event) {
             Applied::Ignored | Applied::Started | Applied::Signalled => None,
@@ -242,16 +325,111 @@ impl LifecycleState {
         })
     }
 
+    /// containerd's exit of a container's main process: counted by reason (an OOM kill
+    /// reported before it makes it `oom`), listed, and the end of the stop /proc saw for it.
+    /// `container`: its names as known. Returns the end of a stuck stop for incidents, and
+    /// whether the container still needs naming.
+    pub fn task_exit(
+        &mut self,
+        exit: &TaskExit,
+        container: Option<ContainerInfo>,
+        metrics: &LifecycleMetrics,
+    ) -> (Option<StopIncident>, bool) {
+        self.changed = true;
+        metrics
+            .lifecycle_events_total
+            .get_or_create(&stream_labels(EventStream::Containerd))
+            .inc();
+        self.containerd_stream.events += 1;
+        let id = exit.container_id.as_str();
+        let container = container
+            .or_else(|| {
+                self.book
+                    .in_progress()
+                    .into_iter()
+                    .find(|s| s.container.id == id)
+                    .map(|s| s.container.clone())
+            })
+            .unwrap_or_else(|| ContainerInfo {
+                id: id.to_string(),
+                ..ContainerInfo::default()
+            });
+        let unnamed = container.name.is_none();
+        let Some(record) = self.exits.exited(exit, container) else {
+            return (None, false);
+        };
+        metrics
+            .container_exits_total
+            .get_or_create(&ExitLabels {
+                runtime: EventStream::Containerd.as_str(),
+                reason: record.reason.as_str(),
+            })
+            .inc();
+        metrics
+            .container_oom_marks_pending
+            .set(gauge(self.exits.oom_marks()));
+        if record.reason == ExitReason::Oom {
+            tracing::warn!(
+                container = %label(&record.container),
+                exit_status = record.exit_status,
+                "container exited after an OOM kill"
+            );
+        }
+        self.unnamed_exits |= unnamed;
+        self.recent_exits = Arc::new(self.exits.recent().cloned().collect());
+        let Ok(exit_code) = i32::try_from(exit.exit_status) else {
+            return (None, unnamed);
+        };
+        let ended = self
+            .book
+            .exited(id, exit.exited_at, exit_code)
+            .and_then(|record| self.completed(record, metrics));
+        // A stop /proc saw that landed before the exit came has its exit code now.
+        self.recent = Arc::new(self.book.recent().cloned().collect());
+        (ended, unnamed)
+    }
+
+    /// containerd's OOM kill in a container: counted, and its next exit is an OOM exit.
+    pub fn task_oom(&mut self, oom: &TaskOom, metrics: &LifecycleMetrics) {
+        let labels = stream_labels(EventStream::Containerd);
+        metrics.lifecycle_events_total.get_or_create(&labels).inc();
+        metrics
+            .container_oom_events_total
+            .get_or_create(&labels)
+            .inc();
+        self.containerd_stream.events += 1;
+        self.exits.oom(&oom.container_id);
+        metrics
+            .container_oom_marks_pending
+            .set(gauge(self.exits.oom_marks()));
+        self.changed = true;
+        tracing::info!(container_id = %oom.container_id, namespace = %oom.namespace, "OOM kill in a container");
+    }
+
+    /// Name listed exits whose container the directory knows by now.
+    pub fn name_exits(&mut self, known: impl Fn(&str) -> Option<ContainerInfo>) {
+        if !self.unnamed_exits {
+            return;
+        }
+        if self.exits.name_from(known) {
+            self.recent_exits = Arc::new(self.exits.recent().cloned().collect());
+            self.changed = true;
+        }
+        self.unnamed_exits = self.exits.recent().any(|r| r.container.name.is_none());
+    }
+
     /// Age the stops at `now`, correlate stuck ones with the latest /proc scan, update the
-    /// metrics and the stream's health. Returns what incidents must hear.
+    /// metrics and the streams' health. Returns what incidents must hear.
     pub fn evaluate(
         &mut self,
         now: SystemTime,
         metrics: &LifecycleMetrics,
         docker: Option<RuntimeState>,
+        containerd: Option<RuntimeState>,
         scan: Option<&ProcScanView>,
     ) -> Vec<StopIncident> {
         self.judge_stream(docker);
+        self.judge_containerd_stream(containerd);
         let mut told = Vec::new();
         if let Some(view) = scan {
             told.extend(self.follow_kills(view, metrics));
@@ -344,6 +522,19 @@ impl LifecycleState {
             {
                 continue;
             }
+            let since = report
+                .finished_at
+                .checked_sub(Duration::from_secs_f64(task.seconds_pending))
+                .unwrap_or(report.finished_at);
+            // The container's main process exited after the kill was sent: the task is what
+            // is left of a container that is gone, not a new stop.
+            if self
+                .exits
+                .exited_at(id)
+                .is_some_and(|exited| exited >= since)
+            {
+                continue;
+            }
             let container = view
                 .containers
                 .get(*id)
@@ -357,10 +548,6 @@ impl LifecycleState {
             } else {
                 Runtime::Containerd
             };
-            let since = report
-                .finished_at
-                .checked_sub(Duration::from_secs_f64(task.seconds_pending))
-                .unwrap_or(report.finished_at);
             if self
                 .book
                 .kill_pending(&container, runtime, since, self.kill_stuck_after)
@@ -395,11 +582,11 @@ impl LifecycleState {
         let (healthy, reason) = match docker {
             _ if !self.docker_enabled => (
                 true,
-                "docker is not probed: stops are seen only as SIGKILL pending in /proc".into(),
+                "docker is not probed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)".into(),
             ),
             Some(RuntimeState::Absent) => (
                 true,
-                "docker is not installed: stops are seen only as SIGKILL pending in /proc".into(),
+                "docker is not installed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)".into(),
             ),
             _ if !stream.connected => (
                 false,
@@ -417,6 +604,44 @@ impl LifecycleState {
             ),
             Some(state) if !state.is_up() => (false, format!("docker is {}", state.as_str())),
             _ => (true, "open; docker answers".into()),
+        };
+        if stream.healthy != healthy || stream.reason != reason {
+            stream.healthy = healthy;
+            stream.reason = reason;
+            self.changed = true;
+        }
+    }
+
+    /// containerd's event service: trusted while subscribed and containerd answers. Left as
+    /// it is when not followed, or in `check` (not read).
+    fn judge_containerd_stream(&mut self, containerd: Option<RuntimeState>) {
+        if !self.containerd_followed {
+            return;
+        }
+        let stream = &mut self.containerd_stream;
+        let (healthy, reason) = match containerd {
+            Some(RuntimeState::Absent) => (
+                true,
+                "containerd is not installed: no container exits to see".into(),
+            ),
+            _ if !stream.connected => (
+                false,
+                match &stream.last_error {
+                    Some(error) => {
+                        format!("event stream down: {error}; exits meanwhile are lost (no replay)")
+                    }
+                    None => "event stream not opened yet".into(),
+                },
+            ),
+            Some(state) if state.is_stalled() => (
+                false,
+                format!(
+                    "containerd is {}: its events are held back with it; exits may go unseen",
+                    state.as_str()
+                ),
+            ),
+            Some(state) if !state.is_up() => (false, format!("containerd is {}", state.as_str())),
+            _ => (true, "open; containerd answers".into()),
         };
         if stream.healthy != healthy || stream.reason != reason {
             stream.healthy = healthy;
@@ -464,11 +689,19 @@ impl LifecycleState {
         StopsView {
             enabled: self.enabled,
             events_stream: self.stream.clone(),
+            containerd_events_stream: self.containerd_stream.clone(),
             stop_timeout_seconds: settings.stop_timeout.as_secs_f64(),
             grace_seconds: settings.grace.as_secs_f64(),
             in_progress: self.book.in_progress().into_iter().cloned().collect(),
             recent: self.recent.clone(),
+            recent_exits: self.recent_exits.clone(),
         }
+    }
+}
+
+fn stream_labels(stream: EventStream) -> RuntimeLabels {
+    RuntimeLabels {
+        runtime: stream.as_str(),
     }
 }
 
@@ -516,26 +749,54 @@ impl SourceState for LifecycleSlice {
                     Self::tell_incidents(vec![ended], cx);
                 }
             }
-            LifecycleSignal::StreamUp { reconnected } => {
-                self.state.stream_up(reconnected, &self.metrics);
+            LifecycleSignal::TaskExit(exit) => {
+                let known = cx.containers.get(&exit.container_id).cloned();
+                let (ended, unnamed) = self.state.task_exit(&exit, known, &self.metrics);
+                if unnamed {
+                    cx.actions
+                        .push(Action::ResolveContainer(exit.container_id.clone()));
+                }
+                if let Some(ended) = ended {
+                    Self::tell_incidents(vec![ended], cx);
+                }
             }
-            LifecycleSignal::StreamDown { error, retry_in } => {
-                self.state.stream_down(error, retry_in, &self.metrics);
+            LifecycleSignal::TaskOom(oom) => self.state.task_oom(&oom, &self.metrics),
+            LifecycleSignal::StreamUp {
+                stream,
+                reconnected,
+            } => {
+                self.state.stream_up(stream, reconnected, &self.metrics);
             }
-            LifecycleSignal::Malformed { reason } => {
-                self.state.malformed(reason, &self.metrics);
+            LifecycleSignal::StreamDown {
+                stream,
+                error,
+                retry_in,
+            } => {
+                self.state
+                    .stream_down(stream, error, retry_in, &self.metrics);
             }
+            LifecycleSignal::Malformed { stream, reason } => {
+                self.state.malformed(stream, reason, &self.metrics);
+            }
+            LifecycleSignal::NotRead { stream, reason } => self.state.not_read(stream, reason),
         }
     }
 
     /// Age the stops, correlate stuck ones with /proc, tell incidents.
     fn evaluate(&mut self, cx: &mut Context) {
         let docker = cx.board.state_of(Runtime::Docker);
+        let containerd = cx.board.state_of(Runtime::Containerd);
         let scan = cx.board.proc_scan.clone();
-        let told = self
-            .state
-            .evaluate(cx.now.wall, &self.metrics, docker, scan.as_deref());
+        let told = self.state.evaluate(
+            cx.now.wall,
+            &self.metrics,
+            docker,
+            containerd,
+            scan.as_deref(),
+        );
         Self::tell_incidents(told, cx);
+        let directory = &cx.containers;
+        self.state.name_exits(|id| directory.get(id).cloned());
     }
 
     fn section(&mut self, _now: Now) -> Option<Arc<dyn Section>> {
@@ -609,6 +870,10 @@ impl Section for StopsSection {
         if !stream.healthy {
             let _ = writeln!(out, "  events not trustworthy: {}", stream.reason);
         }
+        let exits = &stops.containerd_events_stream;
+        if !exits.healthy {
+            let _ = writeln!(out, "  containerd exits: {}", exits.reason);
+        }
         for stop in &stops.in_progress {
             let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
             let state = if stop.stuck { "STUCK" } else { "stopping" };
@@ -650,10 +915,15 @@ impl Section for StopsSection {
         }
         for stop in stops.recent.iter().take(CHECK_RECENT_STOPS) {
             let name = stop.container.name.as_deref().unwrap_or(&stop.container.id);
-            let how = match stop.ended_by {
-                Ending::KillLanded => "SIGKILL landed (seen in /proc; exit code unknown)",
-                _ if stop.escalated => "SIGKILL (ignored its stop signal)",
-                _ => "exited on its stop signal",
+            let how = match (stop.ended_by, stop.exit_code) {
+                (Ending::KillLanded, None) => {
+                    "SIGKILL landed (seen in /proc; exit code unknown)".to_string()
+                }
+                (Ending::KillLanded | Ending::Exited, Some(code)) => {
+                    format!("SIGKILL landed (seen in /proc), exited with {code}")
+                }
+                _ if stop.escalated => "SIGKILL (ignored its stop signal)".to_string(),
+                _ => "exited on its stop signal".to_string(),
             };
             let _ = writeln!(
                 out,
@@ -797,8 +1067,10 @@ mod tests {
                 stop_timeout: Duration::from_secs(10),
                 stop_grace: Duration::from_secs(2),
                 recent_stops: 10,
+                recent_exits: 10,
                 max_stuck_series,
             },
+            true,
             true,
             Duration::from_secs(5),
         )
@@ -882,7 +1154,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("hangwatch_lifecycle_events_total 3"),
+            text.contains("hangwatch_lifecycle_events_total{runtime=\"docker\"} 3"),
             "{text}"
         );
         assert_eq!(s.view().recent.len(), 1);
@@ -896,10 +1168,10 @@ mod tests {
         s.apply(&kill("a", 0, 15), &metrics);
         s.apply(&kill("a", 1_000, 9), &metrics);
         assert!(
-            s.evaluate(wall(2_999), &metrics, None, Some(&seen))
+            s.evaluate(wall(2_999), &metrics, None, None, Some(&seen))
                 .is_empty()
         );
-        let told = s.evaluate(wall(3_000), &metrics, None, Some(&seen));
+        let told = s.evaluate(wall(3_000), &metrics, None, None, Some(&seen));
         let [
             StopIncident::Stuck {
                 container_id,
@@ -936,13 +1208,13 @@ mod tests {
         );
 
         assert!(
-            s.evaluate(wall(5_000), &metrics, None, Some(&seen))
+            s.evaluate(wall(5_000), &metrics, None, None, Some(&seen))
                 .is_empty(),
             "same holders: nothing new to tell"
         );
         let moved = scan("a", "nfs_wait");
         assert!(matches!(
-            s.evaluate(wall(6_000), &metrics, None, Some(&moved))
+            s.evaluate(wall(6_000), &metrics, None, None, Some(&moved))
                 .as_slice(),
             [StopIncident::Updated(_)]
         ));
@@ -961,7 +1233,7 @@ mod tests {
             panic!("expected the end of a stuck stop: {ended:?}");
         };
         assert_eq!(seconds, 60.0);
-        s.evaluate(wall(60_001), &metrics, None, None);
+        s.evaluate(wall(60_001), &metrics, None, None, None);
         assert!(stuck_series(&metrics).is_empty());
         assert!(
             metrics
@@ -981,17 +1253,17 @@ mod tests {
     fn a_change_of_trust_is_published_even_with_no_stop_going_on() {
         let metrics = Metrics::new(None);
         let mut s = state(10);
-        s.stream_up(false, &metrics);
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        s.stream_up(EventStream::Docker, false, &metrics);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(s.changed_view().is_some_and(|v| v.events_stream.healthy));
-        s.evaluate(wall(1), &metrics, Some(RuntimeState::Healthy), None);
+        s.evaluate(wall(1), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(s.changed_view().is_none(), "nothing changed");
-        s.evaluate(wall(2), &metrics, Some(RuntimeState::Wedged), None);
+        s.evaluate(wall(2), &metrics, Some(RuntimeState::Wedged), None, None);
         let view = s.changed_view().expect("docker wedged: republished");
         assert!(!view.events_stream.healthy);
         s.apply(&kill("a", 0, 15), &metrics);
         assert!(s.changed_view().is_some());
-        s.evaluate(wall(3), &metrics, Some(RuntimeState::Wedged), None);
+        s.evaluate(wall(3), &metrics, Some(RuntimeState::Wedged), None, None);
         assert!(
             s.changed_view()
                 .is_some_and(|v| v.in_progress[0].seconds == 0.003),
@@ -1003,7 +1275,11 @@ mod tests {
     fn malformed_lines_are_counted_with_the_last_reason() {
         let metrics = Metrics::new(None);
         let mut s = state(10);
-        s.malformed("unexpected action \"teleport\"".into(), &metrics);
+        s.malformed(
+            EventStream::Docker,
+            "unexpected action \"teleport\"".into(),
+            &metrics,
+        );
         let stream = s.view().events_stream;
         assert_eq!(stream.malformed, 1);
         assert_eq!(
@@ -1013,7 +1289,7 @@ mod tests {
         assert!(
             metrics
                 .encode()
-                .contains("hangwatch_lifecycle_events_malformed_total 1")
+                .contains("hangwatch_lifecycle_events_malformed_total{runtime=\"docker\"} 1")
         );
     }
 
@@ -1024,7 +1300,7 @@ mod tests {
         for (n, id) in ["a", "b", "c"].iter().enumerate() {
             s.apply(&kill(id, n as i64 * 100, 9), &metrics);
         }
-        s.evaluate(wall(10_000), &metrics, None, None);
+        s.evaluate(wall(10_000), &metrics, None, None, None);
         let series = stuck_series(&metrics);
         assert_eq!(series.len(), 2, "{series:?}");
         assert!(
@@ -1042,12 +1318,12 @@ mod tests {
     fn silence_is_only_trusted_while_the_stream_is_open_and_docker_answers() {
         let metrics = Metrics::new(None);
         let mut s = state(10);
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(!s.view().events_stream.healthy, "never opened");
-        s.stream_up(false, &metrics);
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        s.stream_up(EventStream::Docker, false, &metrics);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         assert!(s.view().events_stream.healthy);
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Hung), None);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Hung), None, None);
         let stream = s.view().events_stream;
         assert!(!stream.healthy);
         assert!(
@@ -1056,28 +1332,29 @@ mod tests {
             stream.reason
         );
         s.stream_down(
+            EventStream::Docker,
             "the daemon closed the event stream".into(),
             Duration::from_secs(1),
             &metrics,
         );
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Healthy), None, None);
         let stream = s.view().events_stream;
         assert!(
             stream.reason.contains("closed the event stream"),
             "{}",
             stream.reason
         );
-        s.evaluate(wall(0), &metrics, Some(RuntimeState::Absent), None);
+        s.evaluate(wall(0), &metrics, Some(RuntimeState::Absent), None, None);
         assert!(
             s.view().events_stream.healthy,
             "no Docker, no stops: silence is the truth"
         );
-        s.stream_up(true, &metrics);
+        s.stream_up(EventStream::Docker, true, &metrics);
         assert_eq!(s.view().events_stream.reconnects, 1);
         assert!(
-            metrics
-                .encode()
-                .contains("hangwatch_lifecycle_events_stream_reconnects_total 1")
+            metrics.encode().contains(
+                "hangwatch_lifecycle_events_stream_reconnects_total{runtime=\"docker\"} 1"
+            )
         );
     }
 
@@ -1125,14 +1402,16 @@ mod tests {
                 stop_timeout: Duration::from_secs(10),
                 stop_grace: Duration::from_secs(30),
                 recent_stops: 10,
+                recent_exits: 10,
                 max_stuck_series: 10,
             },
             false,
+            true,
             Duration::from_secs(5),
         );
         let first = kill_scan("c1", 1_000, Some(0.0));
         assert!(
-            s.evaluate(wall(1_000), &metrics, None, Some(&first))
+            s.evaluate(wall(1_000), &metrics, None, None, Some(&first))
                 .is_empty()
         );
         let view = s.view();
@@ -1144,10 +1423,10 @@ mod tests {
         assert!(!stop.stuck);
         let later = kill_scan("c1", 5_500, Some(4.5));
         assert!(
-            s.evaluate(wall(5_999), &metrics, None, Some(&later))
+            s.evaluate(wall(5_999), &metrics, None, None, Some(&later))
                 .is_empty()
         );
-        let told = s.evaluate(wall(6_000), &metrics, None, Some(&later));
+        let told = s.evaluate(wall(6_000), &metrics, None, None, Some(&later));
         let [
             StopIncident::Stuck {
                 runtime: Runtime::Containerd,
@@ -1184,7 +1463,7 @@ mod tests {
         let mut unread = kill_scan("c1", 7_000, None);
         unread.report.kill_pending_unread = 1;
         assert!(
-            !s.evaluate(wall(7_000), &metrics, None, Some(&unread))
+            !s.evaluate(wall(7_000), &metrics, None, None, Some(&unread))
                 .iter()
                 .any(|t| matches!(t, StopIncident::Ended { .. })),
             "a scan that did not read every status cannot say the kill landed"
@@ -1192,7 +1471,7 @@ mod tests {
         assert_eq!(s.view().in_progress.len(), 1);
         s.changed_view();
         let landed = kill_scan("c1", 8_000, None);
-        let told = s.evaluate(wall(8_000), &metrics, None, Some(&landed));
+        let told = s.evaluate(wall(8_000), &metrics, None, None, Some(&landed));
         assert!(
             matches!(told.as_slice(), [StopIncident::Ended { container_id, .. }] if container_id == "c1"),
             "{told:?}"
@@ -1215,6 +1494,7 @@ mod tests {
             wall(1_000),
             &metrics,
             Some(RuntimeState::Healthy),
+            None,
             Some(&seen),
         );
         let view = s.view();
@@ -1225,6 +1505,7 @@ mod tests {
             wall(1_500),
             &metrics,
             Some(RuntimeState::Healthy),
+            None,
             Some(&gone),
         );
         assert_eq!(
@@ -1236,6 +1517,7 @@ mod tests {
             wall(2_500),
             &metrics,
             Some(RuntimeState::Healthy),
+            None,
             Some(&seen),
         );
         let [
@@ -1257,6 +1539,7 @@ mod tests {
             wall(3_100),
             &metrics,
             Some(RuntimeState::Healthy),
+            None,
             Some(&stale),
         );
         assert!(
@@ -1264,5 +1547,210 @@ mod tests {
             "a scan taken before the die shows a kill that has landed since"
         );
         assert_eq!(s.view().recent.len(), 1);
+    }
+
+    fn task_exit(id: &str, pid: u32, status: u32, ms: i64) -> TaskExit {
+        TaskExit {
+            namespace: "k8s.io".into(),
+            container_id: id.into(),
+            pid,
+            exit_status: status,
+            exited_at: wall(ms),
+        }
+    }
+
+    fn exits_counted(metrics: &Metrics, reason: &str) -> String {
+        let line = format!(
+            "hangwatch_container_exits_total{{runtime=\"containerd\",reason=\"{reason}\"}}"
+        );
+        metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn without_docker() -> LifecycleState {
+        LifecycleState::new(
+            &LifecycleConfig {
+                enabled: true,
+                stop_timeout: Duration::from_secs(10),
+                stop_grace: Duration::from_secs(30),
+                recent_stops: 10,
+                recent_exits: 10,
+                max_stuck_series: 10,
+            },
+            false,
+            true,
+            Duration::from_secs(5),
+        )
+    }
+
+    #[test]
+    fn containerds_exit_ends_a_stuck_stop_seen_in_proc_with_its_exit_code_and_counts_it() {
+        let metrics = Metrics::new(None);
+        metrics.follow(EventStream::Containerd);
+        let mut s = without_docker();
+        s.evaluate(
+            wall(1_000),
+            &metrics,
+            None,
+            None,
+            Some(&kill_scan("c1", 1_000, Some(0.0))),
+        );
+        let stuck = kill_scan("c1", 7_000, Some(6.0));
+        assert!(matches!(
+            s.evaluate(wall(7_000), &metrics, None, None, Some(&stuck))
+                .as_slice(),
+            [StopIncident::Stuck { .. }]
+        ));
+        let (ended, unnamed) = s.task_exit(&task_exit("c1", 70, 137, 8_000), None, &metrics);
+        assert!(
+            matches!(ended, Some(StopIncident::Ended { ref container_id, .. }) if container_id == "c1"),
+            "{ended:?}"
+        );
+        assert!(!unnamed, "named from the stop's container");
+        let view = s.view();
+        assert!(view.in_progress.is_empty());
+        assert_eq!(view.recent[0].ended_by, Ending::Exited);
+        assert_eq!(view.recent[0].exit_code, Some(137));
+        let [exit] = view.recent_exits.as_slice() else {
+            panic!("{view:?}");
+        };
+        assert_eq!(exit.reason, ExitReason::SignalKill);
+        assert_eq!(exit.container.pod.as_deref(), Some("web-0"));
+        assert!(exits_counted(&metrics, "signal_kill").ends_with(" 1"));
+        assert!(
+            exits_counted(&metrics, "ok").ends_with(" 0"),
+            "series exist at zero"
+        );
+
+        // A scan finished before the exit still shows the kill: no new stop.
+        let stale = kill_scan("c1", 7_900, Some(6.9));
+        s.evaluate(wall(8_100), &metrics, None, None, Some(&stale));
+        // A task of the gone container still in D after the exit, its kill sent before it.
+        let lingering = kill_scan("c1", 9_000, Some(8.0));
+        s.evaluate(wall(9_000), &metrics, None, None, Some(&lingering));
+        assert!(
+            s.view().in_progress.is_empty(),
+            "{:?}",
+            s.view().in_progress
+        );
+        assert_eq!(s.view().recent.len(), 1);
+    }
+
+    #[test]
+    fn an_oom_kill_marks_the_exit_that_follows_and_unknown_containers_are_named_later() {
+        let metrics = Metrics::new(None);
+        let mut s = without_docker();
+        s.task_oom(
+            &TaskOom {
+                namespace: "k8s.io".into(),
+                container_id: "hog".into(),
+                at: wall(0),
+            },
+            &metrics,
+        );
+        let (ended, unnamed) = s.task_exit(&task_exit("hog", 5, 137, 10), None, &metrics);
+        assert!(ended.is_none() && unnamed, "no stop; names to be looked up");
+        assert!(exits_counted(&metrics, "oom").ends_with(" 1"));
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_container_oom_events_total{runtime=\"containerd\"} 1")
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("hangwatch_lifecycle_events_total{runtime=\"containerd\"} 2")
+        );
+        let view = s.changed_view().expect("published");
+        assert!(view.recent_exits[0].oom);
+        assert_eq!(view.recent_exits[0].container.name, None);
+        s.name_exits(|id| {
+            Some(ContainerInfo {
+                id: id.into(),
+                name: Some("hog".into()),
+                pod: Some("mem-0".into()),
+                namespace: Some("shop".into()),
+                ..ContainerInfo::default()
+            })
+        });
+        let view = s.changed_view().expect("the name is published");
+        assert_eq!(view.recent_exits[0].container.pod.as_deref(), Some("mem-0"));
+        // The same exit again (containerd repeats it when it cleans up a shim): once.
+        s.task_exit(&task_exit("hog", 5, 137, 10), None, &metrics);
+        assert_eq!(s.view().recent_exits.len(), 1);
+        assert!(exits_counted(&metrics, "oom").ends_with(" 1"));
+    }
+
+    #[test]
+    fn on_docker_nodes_the_moby_exit_neither_ends_nor_repeats_dockers_stop() {
+        let metrics = Metrics::new(None);
+        let mut s = state(10);
+        s.apply(&kill("d1", 0, 15), &metrics);
+        let mut moby = task_exit("d1", 9, 143, 50);
+        moby.namespace = "moby".into();
+        let (ended, _) = s.task_exit(&moby, None, &metrics);
+        assert!(ended.is_none());
+        assert_eq!(s.view().in_progress.len(), 1, "Docker's die ends it");
+        s.apply(&die("d1", 60), &metrics);
+        let view = s.view();
+        assert_eq!(view.recent.len(), 1, "one stop");
+        assert_eq!(view.recent[0].ended_by, Ending::Died);
+        assert_eq!(view.recent_exits.len(), 1, "one exit");
+        assert!(exits_counted(&metrics, "signal_term").ends_with(" 1"));
+    }
+
+    #[test]
+    fn the_containerd_stream_is_trusted_while_open_and_containerd_answers() {
+        let metrics = Metrics::new(None);
+        let mut s = without_docker();
+        s.evaluate(wall(0), &metrics, None, Some(RuntimeState::Healthy), None);
+        let stream = s.view().containerd_events_stream;
+        assert!(!stream.healthy && stream.reason == "event stream not opened yet");
+        s.stream_up(EventStream::Containerd, false, &metrics);
+        s.evaluate(wall(1), &metrics, None, Some(RuntimeState::Healthy), None);
+        let view = s.view();
+        assert!(view.containerd_events_stream.healthy);
+        assert!(
+            !view.events_stream.connected,
+            "Docker's stream is another one"
+        );
+        s.evaluate(wall(2), &metrics, None, Some(RuntimeState::Hung), None);
+        assert!(
+            s.view()
+                .containerd_events_stream
+                .reason
+                .contains("containerd is hung")
+        );
+        s.stream_down(
+            EventStream::Containerd,
+            "refused".into(),
+            Duration::from_secs(1),
+            &metrics,
+        );
+        s.evaluate(wall(3), &metrics, None, Some(RuntimeState::Down), None);
+        let stream = s.view().containerd_events_stream;
+        assert!(
+            !stream.healthy && stream.reason.contains("no replay"),
+            "{}",
+            stream.reason
+        );
+        s.malformed(EventStream::Containerd, "garbage".into(), &metrics);
+        let text = metrics.encode();
+        assert!(
+            text.contains("hangwatch_lifecycle_events_malformed_total{runtime=\"containerd\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("hangwatch_lifecycle_events_stream_up{runtime=\"containerd\"} 0"));
+        s.not_read(EventStream::Containerd, "not read by check");
+        s.evaluate(wall(4), &metrics, None, Some(RuntimeState::Healthy), None);
+        assert_eq!(
+            s.view().containerd_events_stream.reason,
+            "not read by check",
+            "kept, not judged"
+        );
     }
 }

@@ -150,8 +150,11 @@ pub enum Ending {
     /// Removed without a `die` seen.
     Removed,
     /// Seen by /proc only: no task of the container has SIGKILL pending any more (the kill
-    /// landed). The exit code is not known.
+    /// landed). The exit code is known only when containerd's exit followed.
     KillLanded,
+    /// Seen by /proc, ended by containerd's `/tasks/exit` of the container's main process,
+    /// with its exit code.
+    Exited,
 }
 
 /// A stop that finished.
@@ -361,6 +364,32 @@ impl StopBook {
                 _ => None,
             })
             .collect()
+    }
+
+    /// containerd's `/tasks/exit` of the container's main process: ends the stop /proc saw
+    /// with the exit code. A stop Docker's events saw ends at Docker's `die` instead (the
+    /// `moby` namespace's exits repeat Docker's). When /proc saw the kill land first, the exit
+    /// code is added to that stop's record. Returns the stop that ended.
+    pub fn exited(&mut self, id: &str, at: SystemTime, exit_code: i32) -> Option<StopRecord> {
+        match self.in_progress.get(id) {
+            Some(stop) if stop.seen_by == SeenBy::ProcKillPending => {
+                match self.end(id, at, Some(exit_code), Ending::Exited) {
+                    Applied::Completed(record) => Some(*record),
+                    _ => None,
+                }
+            }
+            Some(_) => None,
+            None => {
+                if let Some(landed) = self.recent.iter_mut().rev().find(|r| r.container.id == id)
+                    && landed.ended_by == Ending::KillLanded
+                    && landed.exit_code.is_none()
+                    && landed.started_at <= at
+                {
+                    landed.exit_code = Some(exit_code);
+                }
+                None
+            }
+        }
     }
 
     /// Age every stop at `now`; returns the ids of stops that became stuck.
@@ -598,6 +627,57 @@ pub(crate) mod tests {
             held.describe().as_deref(),
             Some("3 task(s) in D (io_schedule) and 2 frozen task(s)")
         );
+    }
+
+    fn pending(b: &mut StopBook, id: &str, ms: i64) {
+        let container = ContainerInfo {
+            id: id.into(),
+            ..ContainerInfo::default()
+        };
+        assert!(b.kill_pending(
+            &container,
+            Runtime::Containerd,
+            wall(ms),
+            Duration::from_secs(5)
+        ));
+    }
+
+    #[test]
+    fn containerds_exit_ends_a_stop_seen_in_proc_with_its_exit_code() {
+        let mut b = book();
+        pending(&mut b, "a", 0);
+        assert!(b.evaluate(wall(5_000)).contains(&"a".to_string()));
+        let record = b.exited("a", wall(9_000), 137).expect("the stop ended");
+        assert_eq!(record.ended_by, Ending::Exited);
+        assert_eq!(record.exit_code, Some(137));
+        assert!(record.was_stuck);
+        assert_eq!(record.duration_seconds, 9.0);
+        assert!(b.in_progress().is_empty());
+        assert!(b.exited("a", wall(9_000), 137).is_none(), "once");
+        assert_eq!(b.recent().count(), 1);
+    }
+
+    #[test]
+    fn a_stop_dockers_events_saw_ends_only_at_its_die_not_at_the_moby_exit() {
+        let mut b = book();
+        b.apply(&kill("a", 0, 15));
+        assert!(b.exited("a", wall(100), 143).is_none());
+        assert_eq!(b.in_progress().len(), 1);
+        let record = completed(b.apply(&die("a", 100)));
+        assert_eq!(record.ended_by, Ending::Died);
+        assert_eq!(b.recent().count(), 1, "one stop, not two");
+    }
+
+    #[test]
+    fn an_exit_after_the_kill_landed_adds_the_exit_code() {
+        let mut b = book();
+        pending(&mut b, "a", 0);
+        let landed = b.kills_landed(&BTreeSet::new(), wall(2_000));
+        assert_eq!(landed.len(), 1);
+        assert!(b.exited("a", wall(2_010), 137).is_none());
+        let record = b.recent().next().expect("the stop");
+        assert_eq!(record.ended_by, Ending::KillLanded);
+        assert_eq!(record.exit_code, Some(137));
     }
 
     #[test]

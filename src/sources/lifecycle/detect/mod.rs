@@ -12,9 +12,12 @@
 //! container stops). Whether silence means "no stops" is the engine's call, from the docker
 //! probe's verdict: a stalled dockerd also stalls its events.
 //!
-//! containerd-only nodes are not covered: containerd publishes `/tasks/exit` but no event
-//! for a kill, so a stop's start cannot be seen there.
+//! containerd's event service (`containerd.rs`, detector `lifecycle:containerd`) gives the
+//! exits (`/tasks/exit`, with the exit status) and OOM kills (`/tasks/oom`) of every runtime
+//! that runs on containerd, Docker or not; it publishes no event for a kill, so a stop's
+//! start is not seen there.
 
+pub mod containerd;
 mod event;
 mod stream;
 
@@ -28,19 +31,66 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use hyperlocal::UnixConnector;
 
+pub use containerd::{TaskExit, TaskOom};
 pub use event::{ContainerAction, ContainerEvent};
 
-/// What the Docker event stream follower tells the lifecycle source's state.
+use crate::domain::Runtime;
+
+/// Whose event stream: Docker's `/events` or containerd's event service. Its runtime's name
+/// is the `runtime` label of the streams' metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventStream {
+    Docker,
+    Containerd,
+}
+
+impl EventStream {
+    pub fn runtime(self) -> Runtime {
+        match self {
+            EventStream::Docker => Runtime::Docker,
+            EventStream::Containerd => Runtime::Containerd,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.runtime().as_str()
+    }
+}
+
+impl std::fmt::Display for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the event stream followers tell the lifecycle source's state. `stream` is whose event
+/// stream: Docker's `/events` or containerd's event service.
 #[derive(Debug)]
 pub enum LifecycleSignal {
-    /// A container event, each once (replays after a reconnection are dropped here).
+    /// A Docker container event, each once (replays after a reconnection are dropped here).
     Event(Box<ContainerEvent>),
+    /// containerd: a container's init process exited.
+    TaskExit(TaskExit),
+    /// containerd: the OOM killer killed a process of a container.
+    TaskOom(TaskOom),
     /// The event stream is open; `reconnected` after it had broken.
-    StreamUp { reconnected: bool },
+    StreamUp {
+        stream: EventStream,
+        reconnected: bool,
+    },
     /// The stream could not be opened or ended; the next attempt is in `retry_in`.
-    StreamDown { error: String, retry_in: Duration },
-    /// A line that is not a usable event (logged here).
-    Malformed { reason: String },
+    StreamDown {
+        stream: EventStream,
+        error: String,
+        retry_in: Duration,
+    },
+    /// An event that is not usable (logged by the detector).
+    Malformed { stream: EventStream, reason: String },
+    /// `check` does not read this stream (containerd's event service keeps no history).
+    NotRead {
+        stream: EventStream,
+        reason: &'static str,
+    },
 }
 
 impl From<LifecycleSignal> for Signal {
@@ -128,6 +178,7 @@ async fn follow(ctx: DetectorContext) {
                 connections += 1;
                 tracing::info!(socket = %socket.display(), %since, "following docker events");
                 let up = LifecycleSignal::StreamUp {
+                    stream: EventStream::Docker,
                     reconnected: connections > 1,
                 };
                 if !ctx.signals.send(up.into()).await {
@@ -149,7 +200,11 @@ async fn follow(ctx: DetectorContext) {
         };
         let retry_in = backoff.next_wait();
         tracing::debug!(%error, ?retry_in, "docker event stream down");
-        let down = LifecycleSignal::StreamDown { error, retry_in };
+        let down = LifecycleSignal::StreamDown {
+            stream: EventStream::Docker,
+            error,
+            retry_in,
+        };
         if !ctx.signals.send(down.into()).await || !wait(&ctx, retry_in).await {
             return;
         }
@@ -244,7 +299,10 @@ fn malformed(reason: String, logged: &mut u32) -> LifecycleSignal {
         *logged += 1;
         tracing::warn!(%reason, "docker event not understood; skipped");
     }
-    LifecycleSignal::Malformed { reason }
+    LifecycleSignal::Malformed {
+        stream: EventStream::Docker,
+        reason,
+    }
 }
 
 /// What [`check`] read.
