@@ -33,7 +33,7 @@ const BATCH: usize = 256;
 /// After reading records, wait this long before reading again: a flood is then read in
 /// batches (at 8k records/s, 200 per wake-up, under [`BATCH`]) instead of one wake-up per
 /// record, and each wake-up (with cold caches on a busy node) costs more than the records it
-/// reads. The kernel's ring holds more than twice that (128 KiB: ~500 OOM-kill records, 60 ms
+/// reads. Meanwhile the descriptor is off the reactor, or every record would wake us anyway. The kernel's ring holds more than twice that (128 KiB: ~500 OOM-kill records, 60 ms
 /// at 8k/s). A record after a quiet spell is read at once.
 const READ_PAUSE: Duration = Duration::from_millis(25);
 /// How long the last counter increments may wait for room in the channel at shutdown.
@@ -232,18 +232,23 @@ async fn open_watched(
         })??;
     let watched = match opened.log {
         OpenLog::Syslog(reader) => Watched::Syslog(reader),
-        // SAFETY: the reader owns its descriptor, never replaces or closes it while it lives,
-        // and `as_raw_fd` always returns that one.
-        OpenLog::Kmsg(reader) => Watched::Kmsg(
-            unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(
-                |failed| ReaderError::Watch {
-                    path: kernel.path.clone(),
-                    source: failed.into_parts().1,
-                },
-            )?,
-        ),
+        OpenLog::Kmsg(reader) => {
+            Watched::Kmsg(register(reader).map_err(|source| ReaderError::Watch {
+                path: kernel.path.clone(),
+                source,
+            })?)
+        }
     };
     Ok((watched, opened.kmsg_refused))
+}
+
+/// Register `/dev/kmsg` with the reactor for readiness. A record already waiting makes it
+/// ready at once (the kernel polls the file when it is added to the epoll set).
+fn register(reader: KmsgReader) -> io::Result<AsyncFd<KmsgReader>> {
+    // SAFETY: the reader owns its descriptor, never replaces or closes it while it lives,
+    // and `as_raw_fd` always returns that one.
+    unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }
+        .map_err(|failed| failed.into_parts().1)
 }
 
 /// Deliver a signal unless shutdown comes first; false when it did or the engine is gone.
@@ -295,6 +300,12 @@ impl Run {
     }
 
     /// Read `/dev/kmsg` as records arrive, until shutdown or a read error.
+    ///
+    /// Registered with the reactor only while the log is quiet. Once records come, the
+    /// descriptor is taken off it and read every [`READ_PAUSE`] until a read finds nothing:
+    /// the kernel wakes a waiting reader for every record it logs, so staying registered
+    /// would wake the thread for each record of a flood during the very pauses meant to
+    /// batch them.
     async fn pump_kmsg(&mut self, mut watched: AsyncFd<KmsgReader>) -> Stop {
         if let Some(seq) = watched.get_ref().last_seq() {
             self.position = Some(Position::Seq(seq));
@@ -309,51 +320,87 @@ impl Run {
                     if !self.on_tick().await {
                         return Stop::Finished;
                     }
+                    continue;
                 }
-                ready = watched.readable_mut() => {
-                    let mut guard = match ready {
-                        Ok(guard) => guard,
-                        Err(source) => {
-                            return Stop::Failed(ReaderError::Watch { path: self.path.clone(), source });
-                        }
-                    };
-                    let mut records = 0;
-                    for _ in 0..BATCH {
-                        let reader = guard.get_inner_mut();
-                        let read = reader.read_next();
-                        if let Some(seq) = reader.last_seq() {
-                            self.position = Some(Position::Seq(seq));
-                        }
-                        match read {
-                            Ok(KmsgRead::Drained) => {
-                                guard.clear_ready();
-                                break;
-                            }
-                            Ok(read) => {
-                                records += 1;
-                                if !self.handle(read).await {
-                                    return Stop::Finished;
-                                }
-                            }
-                            Err(error) => {
-                                self.collect_counters(guard.get_inner_mut().take_counters());
-                                return Stop::Failed(error);
-                            }
-                        }
-                    }
-                    self.collect_counters(guard.get_inner_mut().take_counters());
-                    self.ctx.heartbeat.beat();
-                    drop(guard);
-                    if records > 0 && records < BATCH {
-                        tokio::select! {
-                            biased;
-                            _ = self.ctx.shutdown.cancelled() => return Stop::Finished,
-                            _ = tokio::time::sleep(READ_PAUSE) => {}
-                        }
+                ready = watched.readable() => {
+                    if let Err(source) = ready {
+                        return Stop::Failed(ReaderError::Watch { path: self.path.clone(), source });
                     }
                 }
             }
+            let mut reader = watched.into_inner();
+            if let Some(stop) = self.read_while_records_come(&mut reader, &mut tick).await {
+                return stop;
+            }
+            watched = match register(reader) {
+                Ok(watched) => watched,
+                Err(source) => {
+                    return Stop::Failed(ReaderError::Watch {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            };
         }
+    }
+
+    /// Read what is there, pause, read again, until a read finds nothing (None) or reading
+    /// must stop. The ticks go on meanwhile.
+    async fn read_while_records_come(
+        &mut self,
+        reader: &mut KmsgReader,
+        tick: &mut tokio::time::Interval,
+    ) -> Option<Stop> {
+        loop {
+            let records = match self.read_batch(reader).await {
+                Ok(0) => return None,
+                Ok(records) => records,
+                Err(stop) => return Some(stop),
+            };
+            // A full batch: more is waiting, read on after the timer and the shutdown check.
+            let pause = if records < BATCH {
+                READ_PAUSE
+            } else {
+                Duration::ZERO
+            };
+            tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled() => return Some(Stop::Finished),
+                _ = tick.tick() => {
+                    if !self.on_tick().await {
+                        return Some(Stop::Finished);
+                    }
+                }
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Up to [`BATCH`] records, until the log is drained; how many were read.
+    async fn read_batch(&mut self, reader: &mut KmsgReader) -> Result<usize, Stop> {
+        let mut records = 0;
+        while records < BATCH {
+            let read = reader.read_next();
+            if let Some(seq) = reader.last_seq() {
+                self.position = Some(Position::Seq(seq));
+            }
+            match read {
+                Ok(KmsgRead::Drained) => break,
+                Ok(read) => {
+                    records += 1;
+                    if !self.handle(read).await {
+                        return Err(Stop::Finished);
+                    }
+                }
+                Err(error) => {
+                    self.collect_counters(reader.take_counters());
+                    return Err(Stop::Failed(error));
+                }
+            }
+        }
+        self.collect_counters(reader.take_counters());
+        self.ctx.heartbeat.beat();
+        Ok(records)
     }
 
     /// Poll syslog(2) every `poll_interval`, until shutdown or a read error.
