@@ -32,8 +32,10 @@ fn main() {
     let mut latencies = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {
         let before = oom_events(&hw);
+        // With its newline, as the kernel ends its own: a record without one is kept open for
+        // a continuation and no reader sees it until the next record is logged (6.x).
         let line = format!(
-            "Memory cgroup out of memory: Killed process {} (bench) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:0",
+            "Memory cgroup out of memory: Killed process {} (bench) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:0\n",
             4_000_000 + i
         );
         let mut kmsg = OpenOptions::new()
