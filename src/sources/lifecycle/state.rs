@@ -578,38 +578,12 @@ impl LifecycleState {
     }
 
     fn judge_stream(&mut self, docker: Option<RuntimeState>) {
-        let stream = &mut self.stream;
-        let (healthy, reason) = match docker {
-            _ if !self.docker_enabled => (
-                true,
-                "docker is not probed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)".into(),
-            ),
-            Some(RuntimeState::Absent) => (
-                true,
-                "docker is not installed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)".into(),
-            ),
-            _ if !stream.connected => (
-                false,
-                match &stream.last_error {
-                    Some(error) => format!("event stream down: {error}"),
-                    None => "event stream not opened yet".into(),
-                },
-            ),
-            Some(state) if state.is_stalled() => (
-                false,
-                format!(
-                    "docker is {}: its events are held back with it; stops may be going on unseen",
-                    state.as_str()
-                ),
-            ),
-            Some(state) if !state.is_up() => (false, format!("docker is {}", state.as_str())),
-            _ => (true, "open; docker answers".into()),
+        let judged = if self.docker_enabled {
+            judge(&self.stream, docker, &DOCKER_STREAM)
+        } else {
+            (true, DOCKER_NOT_PROBED.into())
         };
-        if stream.healthy != healthy || stream.reason != reason {
-            stream.healthy = healthy;
-            stream.reason = reason;
-            self.changed = true;
-        }
+        self.changed |= set_judgement(&mut self.stream, judged);
     }
 
     /// containerd's event service: trusted while subscribed and containerd answers. Left as
@@ -618,36 +592,8 @@ impl LifecycleState {
         if !self.containerd_followed {
             return;
         }
-        let stream = &mut self.containerd_stream;
-        let (healthy, reason) = match containerd {
-            Some(RuntimeState::Absent) => (
-                true,
-                "containerd is not installed: no container exits to see".into(),
-            ),
-            _ if !stream.connected => (
-                false,
-                match &stream.last_error {
-                    Some(error) => {
-                        format!("event stream down: {error}; exits meanwhile are lost (no replay)")
-                    }
-                    None => "event stream not opened yet".into(),
-                },
-            ),
-            Some(state) if state.is_stalled() => (
-                false,
-                format!(
-                    "containerd is {}: its events are held back with it; exits may go unseen",
-                    state.as_str()
-                ),
-            ),
-            Some(state) if !state.is_up() => (false, format!("containerd is {}", state.as_str())),
-            _ => (true, "open; containerd answers".into()),
-        };
-        if stream.healthy != healthy || stream.reason != reason {
-            stream.healthy = healthy;
-            stream.reason = reason;
-            self.changed = true;
-        }
+        let judged = judge(&self.containerd_stream, containerd, &CONTAINERD_STREAM);
+        self.changed |= set_judgement(&mut self.containerd_stream, judged);
     }
 
     fn update_metrics(&mut self, metrics: &LifecycleMetrics) {
@@ -703,6 +649,71 @@ fn stream_labels(stream: EventStream) -> RuntimeLabels {
     RuntimeLabels {
         runtime: stream.as_str(),
     }
+}
+
+/// How a stream's health is told: its runtime's name, what the runtime's absence means,
+/// what is added to a down stream's error, and what a stalled runtime hides.
+struct StreamWords {
+    runtime: &'static str,
+    absent: &'static str,
+    down_note: &'static str,
+    unseen: &'static str,
+}
+
+const DOCKER_STREAM: StreamWords = StreamWords {
+    runtime: "docker",
+    absent: "docker is not installed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)",
+    down_note: "",
+    unseen: "stops may be going on unseen",
+};
+
+const DOCKER_NOT_PROBED: &str = "docker is not probed: stops are seen only as SIGKILL pending in /proc (and their exits in containerd's events)";
+
+const CONTAINERD_STREAM: StreamWords = StreamWords {
+    runtime: "containerd",
+    absent: "containerd is not installed: no container exits to see",
+    down_note: "; exits meanwhile are lost (no replay)",
+    unseen: "exits may go unseen",
+};
+
+/// Whether a stream can be trusted, and why: from its connection and its runtime's verdict
+/// (a stalled runtime holds its events back).
+fn judge(
+    stream: &StreamStatus,
+    runtime: Option<RuntimeState>,
+    words: &StreamWords,
+) -> (bool, String) {
+    match runtime {
+        Some(RuntimeState::Absent) => (true, words.absent.into()),
+        _ if !stream.connected => (
+            false,
+            match &stream.last_error {
+                Some(error) => format!("event stream down: {error}{}", words.down_note),
+                None => "event stream not opened yet".into(),
+            },
+        ),
+        Some(state) if state.is_stalled() => (
+            false,
+            format!(
+                "{} is {}: its events are held back with it; {}",
+                words.runtime,
+                state.as_str(),
+                words.unseen
+            ),
+        ),
+        Some(state) if !state.is_up() => {
+            (false, format!("{} is {}", words.runtime, state.as_str()))
+        }
+        _ => (true, format!("open; {} answers", words.runtime)),
+    }
+}
+
+/// Set a stream's judgement; whether it changed.
+fn set_judgement(stream: &mut StreamStatus, (healthy, reason): (bool, String)) -> bool {
+    let changed = stream.healthy != healthy || stream.reason != reason;
+    stream.healthy = healthy;
+    stream.reason = reason;
+    changed
 }
 
 /// The container-stop source's part of the engine.

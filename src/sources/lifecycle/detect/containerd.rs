@@ -27,7 +27,11 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 
 use super::stream::Backoff;
-use super::{EventStream, LifecycleSignal};
+// Reconnecting, beating and logging as Docker's stream does.
+use super::{
+    BEAT_EVERY, CONNECTION_WORKED_AFTER, Ended, EventStream, LifecycleSignal, MALFORMED_LOGGED,
+    RECONNECT_INITIAL, RECONNECT_MAX,
+};
 use crate::config::{Config, RuntimeMode};
 use crate::sources::detector::{Detector, DetectorContext, DetectorFuture};
 use crate::sources::runtime::detect::{classify_error, socket_present};
@@ -36,15 +40,6 @@ pub const TOPIC_EXIT: &str = "/tasks/exit";
 pub const TOPIC_OOM: &str = "/tasks/oom";
 const TYPE_EXIT: &str = "containerd.events.TaskExit";
 const TYPE_OOM: &str = "containerd.events.TaskOOM";
-
-const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// A subscription that lasted this long worked: the next failure starts the backoff afresh.
-const CONNECTION_WORKED_AFTER: Duration = Duration::from_secs(10);
-/// How often the loop beats while the stream is silent.
-const BEAT_EVERY: Duration = Duration::from_secs(5);
-/// Malformed events logged per subscription at most; all are counted.
-const MALFORMED_LOGGED: u32 = 10;
 
 /// A container's main (init) process exited: containerd's `/tasks/exit` where the process is
 /// the container's own (an exec'd process has an id of its own and is not reported).
@@ -185,12 +180,6 @@ impl Detector for ContainerdEventsDetector {
     fn run(self: Box<Self>, ctx: DetectorContext) -> DetectorFuture {
         Box::pin(follow(ctx))
     }
-}
-
-/// Why a subscription ended.
-enum Ended {
-    Shutdown,
-    Failed(String),
 }
 
 fn up(reconnected: bool) -> LifecycleSignal {

@@ -144,7 +144,7 @@ impl Detector for LifecycleDetector {
     }
 }
 
-/// Why a connection ended.
+/// Why a connection (or a subscription) ended.
 enum Ended {
     Shutdown,
     Failed(String),
