@@ -33,8 +33,9 @@ const BATCH: usize = 256;
 /// After reading records, wait this long before reading again: a flood is then read in
 /// batches (at 8k records/s, 200 per wake-up, under [`BATCH`]) instead of one wake-up per
 /// record, and each wake-up (with cold caches on a busy node) costs more than the records it
-/// reads. Meanwhile the descriptor is off the reactor, or every record would wake us anyway. The kernel's ring holds more than twice that (128 KiB: ~500 OOM-kill records, 60 ms
-/// at 8k/s). A record after a quiet spell is read at once.
+/// reads. Meanwhile the descriptor is off the reactor, or every record would wake us anyway.
+/// The kernel's ring holds more than twice that (128 KiB: ~500 OOM-kill records, 60 ms at
+/// 8k/s). A record after a quiet spell is read at once.
 const READ_PAUSE: Duration = Duration::from_millis(25);
 /// How long the last counter increments may wait for room in the channel at shutdown.
 const FINAL_SEND_DEADLINE: Duration = Duration::from_millis(200);
