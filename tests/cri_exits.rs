@@ -13,7 +13,6 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1 as cri;
 use serde_json::Value;
 use support::cri::PrivateCri;
 use support::hangwatch::{Hangwatch, TempDir};
@@ -123,15 +122,8 @@ fn a_stop_of_a_healthy_container_is_an_exit_by_signal_and_no_stuck_stop() {
     let hw = Hangwatch::start(&daemon.hangwatch_config(dir.path(), CONFIG), dir.path());
     wait_stream_healthy(&hw);
 
-    let id = calm.container_id.clone();
     daemon
-        .call(|mut c| async move {
-            c.stop_container(cri::StopContainerRequest {
-                container_id: id,
-                timeout: 1,
-            })
-            .await
-        })
+        .stop_container(&calm.container_id)
         .expect("StopContainer");
     // `sleep` is not its PID namespace's init (the pod's sandbox is) and has no handler:
     // SIGTERM ends it, 128 + 15.
@@ -207,15 +199,8 @@ fn the_subscription_outlives_the_deadline_and_returns_after_containerd_restarts(
     wait_stream_healthy(&hw);
     // The new subscription delivers: a container started and stopped now is seen to exit.
     let after = daemon.run_pod("shop", "after", "app");
-    let id = after.container_id.clone();
     daemon
-        .call(|mut c| async move {
-            c.stop_container(cri::StopContainerRequest {
-                container_id: id,
-                timeout: 1,
-            })
-            .await
-        })
+        .stop_container(&after.container_id)
         .expect("StopContainer");
     listed_exit(&hw, &after.container_id, |_| true);
     assert!(!hw.logs().contains("panicked"), "{}", hw.logs());

@@ -180,6 +180,18 @@ impl PrivateCri {
         })
     }
 
+    /// CRI `StopContainer` with a 1 s timeout, as kubelet sends it for a short grace period.
+    pub fn stop_container(&self, container_id: &str) -> Result<cri::StopContainerResponse, String> {
+        let container_id = container_id.to_string();
+        self.call(|mut c| async move {
+            c.stop_container(cri::StopContainerRequest {
+                container_id,
+                timeout: 1,
+            })
+            .await
+        })
+    }
+
     /// A client made within the harness's runtime (tonic spawns its connection task there).
     fn client(&self) -> RuntimeServiceClient<Channel> {
         let _entered = self.rt.enter();

@@ -191,7 +191,7 @@ impl ExitBook {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sources::lifecycle::stops::tests::wall;
 

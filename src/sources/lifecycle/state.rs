@@ -329,7 +329,7 @@ impl LifecycleState {
     /// reported before it makes it `oom`), listed, and the end of the stop /proc saw for it.
     /// `container`: its names as known. Returns the end of a stuck stop for incidents, and
     /// whether the container still needs naming.
-    pub fn task_exit(
+    pub fn exit(
         &mut self,
         exit: &TaskExit,
         container: Option<ContainerInfo>,
@@ -762,7 +762,7 @@ impl SourceState for LifecycleSlice {
             }
             LifecycleSignal::TaskExit(exit) => {
                 let known = cx.containers.get(&exit.container_id).cloned();
-                let (ended, unnamed) = self.state.task_exit(&exit, known, &self.metrics);
+                let (ended, unnamed) = self.state.exit(&exit, known, &self.metrics);
                 if unnamed {
                     cx.actions
                         .push(Action::ResolveContainer(exit.container_id.clone()));
@@ -1066,6 +1066,7 @@ mod tests {
             &self.families
         }
     }
+    use crate::sources::lifecycle::exits::tests::exit;
     use crate::sources::lifecycle::stops::tests::{die, kill, wall};
     use crate::sources::procscan::detect::{
         FrozenContainer, FrozenTasks, ScanErrors, ScanReport, Scope, ScopeCounts, StuckTask,
@@ -1560,16 +1561,6 @@ mod tests {
         assert_eq!(s.view().recent.len(), 1);
     }
 
-    fn task_exit(id: &str, pid: u32, status: u32, ms: i64) -> TaskExit {
-        TaskExit {
-            namespace: "k8s.io".into(),
-            container_id: id.into(),
-            pid,
-            exit_status: status,
-            exited_at: wall(ms),
-        }
-    }
-
     fn exits_counted(metrics: &Metrics, reason: &str) -> String {
         let line = format!(
             "hangwatch_container_exits_total{{runtime=\"containerd\",reason=\"{reason}\"}}"
@@ -1616,7 +1607,7 @@ mod tests {
                 .as_slice(),
             [StopIncident::Stuck { .. }]
         ));
-        let (ended, unnamed) = s.task_exit(&task_exit("c1", 70, 137, 8_000), None, &metrics);
+        let (ended, unnamed) = s.exit(&exit("c1", 70, 137, 8_000), None, &metrics);
         assert!(
             matches!(ended, Some(StopIncident::Ended { ref container_id, .. }) if container_id == "c1"),
             "{ended:?}"
@@ -1663,7 +1654,7 @@ mod tests {
             },
             &metrics,
         );
-        let (ended, unnamed) = s.task_exit(&task_exit("hog", 5, 137, 10), None, &metrics);
+        let (ended, unnamed) = s.exit(&exit("hog", 5, 137, 10), None, &metrics);
         assert!(ended.is_none() && unnamed, "no stop; names to be looked up");
         assert!(exits_counted(&metrics, "oom").ends_with(" 1"));
         assert!(
@@ -1691,7 +1682,7 @@ mod tests {
         let view = s.changed_view().expect("the name is published");
         assert_eq!(view.recent_exits[0].container.pod.as_deref(), Some("mem-0"));
         // The same exit again (containerd repeats it when it cleans up a shim): once.
-        s.task_exit(&task_exit("hog", 5, 137, 10), None, &metrics);
+        s.exit(&exit("hog", 5, 137, 10), None, &metrics);
         assert_eq!(s.view().recent_exits.len(), 1);
         assert!(exits_counted(&metrics, "oom").ends_with(" 1"));
     }
@@ -1701,9 +1692,9 @@ mod tests {
         let metrics = Metrics::new(None);
         let mut s = state(10);
         s.apply(&kill("d1", 0, 15), &metrics);
-        let mut moby = task_exit("d1", 9, 143, 50);
+        let mut moby = exit("d1", 9, 143, 50);
         moby.namespace = "moby".into();
-        let (ended, _) = s.task_exit(&moby, None, &metrics);
+        let (ended, _) = s.exit(&moby, None, &metrics);
         assert!(ended.is_none());
         assert_eq!(s.view().in_progress.len(), 1, "Docker's die ends it");
         s.apply(&die("d1", 60), &metrics);
